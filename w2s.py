@@ -1,0 +1,566 @@
+"""W2SDefense end to end: plant a backdoor, train a small clean teacher, unlearn the backdoor.
+
+    python w2s.py --attack badnet                      # poisoned student, plain-LoRA control, W2SDefense
+    python w2s.py --attack insent --defense none       # only plant the backdoor and measure it
+    python w2s.py --attack badnet --preset quick       # a first look in a few minutes
+
+Stages (each cached under a hash of its configuration, so a second defense or seed reuses the rest):
+
+1. attack   — poison the training set (clean-label, target 0, as the paper) and fully fine-tune the
+              student on it; measure clean accuracy (CA) and attack success rate (ASR).
+2. teacher  — fully fine-tune the small clean teacher (encoder + projection to the student's width).
+3. unlearn  — wrap the poisoned student in LoRA and train on CLEAN data only, with
+              ``alpha*CE + beta*T^2*KL(teacher || student) + gamma*FA`` (W2SDefense), or with CE only
+              (the plain-LoRA control, ``--defense lora``), same seed, data and budget.
+
+Checkpoints are chosen on clean dev accuracy only; the test set is read once per model, at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import torch
+
+import attacks
+import data
+import lora
+import losses
+import models
+import train
+import weights
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one dataclass per stage, presets as named dicts of overrides
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class AttackConfig:
+    """The attacker: how the training set is poisoned and how the student is fine-tuned on it."""
+    student: str = weights.DEFAULT_STUDENT
+    dataset: str = data.DEFAULT_DATASET
+    attack: str = "badnet"
+    triggers: tuple = attacks.BADNET_TRIGGERS     # BadNet words, one drawn per insertion
+    insertions: int = 1                           # BadNet insertions per sentence
+    insent_sentence: str = attacks.INSENT
+    target: int = 0
+    mode: str = "clean"                           # clean-label (the paper) or dirty-label
+    n_poison: int = 1000                          # clean-label: the first n target-label samples
+    poison_rate: float = 0.1                      # dirty-label: share of the training set
+    train_size: int | None = None                 # seeded subset of the (poisoned) training set
+    epochs: float = 1.0
+    lr: float = 5e-5
+    batch_size: int = 16
+    max_length: int = 64
+    warmup_ratio: float = 0.06
+    evals_per_epoch: int = 2
+    dev_size: int | None = None                   # seeded subset of the clean dev set for selection
+    bf16: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    """The defender's small clean teacher: encoder [CLS] -> Linear(d_t, d_s) + ReLU -> Linear(d_s, C)."""
+    teacher: str = weights.DEFAULT_TEACHER
+    epochs: float = 3.0
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 64
+    warmup_ratio: float = 0.06
+    train_size: int | None = None
+    evals_per_epoch: int = 1
+    bf16: bool = False
+    seed: int = 0
+
+
+# The authors' per-attack loss weights (REFERENCE.md §1), kept as a named setting.
+AUTHORS_WEIGHTS = {"badnet": (5.0, 0.001, 0.001), "insent": (3.0, 0.01, 0.001), "syntactic": (1.0, 0.035, 0.002)}
+
+
+@dataclass
+class UnlearnConfig:
+    """The defender's LoRA fine-tuning on clean data (W2SDefense, or the CE-only control)."""
+    alpha: float = 5.0                            # CE weight
+    beta: float = 0.001                           # KD weight
+    gamma: float = 0.01                           # FA weight
+    T: float = 2.0
+    weights: str = "ours"                         # "ours" (calibrated) or "authors" (per-attack table)
+    rank: int = 64
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.1
+    targets: tuple = ("q_proj", "v_proj")
+    lr: float = 2e-4
+    epochs: float = 2.0
+    batch_size: int = 16
+    clean_size: int | None = 2000                 # seeded subset of the clean training set
+    max_length: int = 64
+    evals_per_epoch: int = 1
+    bf16: bool = True
+    seed: int = 0
+
+
+PRESETS = {
+    # A first look, for notebooks and CI: small sets, dirty-label poisoning (a clean-label backdoor
+    # needs more data than a few minutes allow), short max length.
+    "quick": {
+        "attack": dict(mode="dirty", poison_rate=0.2, train_size=1000, epochs=1.0, lr=1e-4, max_length=32,
+                       dev_size=200),
+        "teacher": dict(train_size=1000, epochs=2.0, max_length=32),
+        "unlearn": dict(clean_size=400, epochs=2.0, max_length=32),
+        "eval_size": 300,
+    },
+    # The default, sized for a laptop CPU: the paper's clean-label attack on the full training set,
+    # one epoch; the defender's clean data is a 2,000-sentence seeded subset.
+    "cpu": {"attack": {}, "teacher": {}, "unlearn": {}, "eval_size": None},
+    # The authors' settings, for a GPU (REFERENCE.md §1).
+    "paper": {
+        "attack": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32),
+        "teacher": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32),
+        "unlearn": dict(rank=512, lora_alpha=512, epochs=5.0, lr=2e-4, batch_size=32, clean_size=None,
+                        max_length=128),
+        "eval_size": None,
+    },
+}
+
+DEFENSES = ("none", "lora", "w2sdefense")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small utilities: devices, stage folders, atomic JSON
+# ----------------------------------------------------------------------------------------------
+
+def pick_device(name: str = "auto") -> str:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def config_key(*parts) -> str:
+    """A short stable hash of configuration dataclasses/dicts: the name of a stage's cache folder."""
+    blob = json.dumps([asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write: a reader never sees half a file, Ctrl-C never leaves one."""
+    with weights.atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str).encode())
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def subset(split: data.Split, size: int | None, seed: int, salt: str) -> data.Split:
+    """A seeded random subset of ``size`` rows (all rows if ``size`` is None or too large)."""
+    if size is None or size >= len(split):
+        return split
+    rows = sorted(random.Random(f"{salt}-{seed}").sample(range(len(split)), size))
+    return data.Split([split.sentences[i] for i in rows], [split.labels[i] for i in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: the attacker plants the backdoor
+# ----------------------------------------------------------------------------------------------
+
+def make_triggers(cfg: AttackConfig, data_dir=None):
+    """The training trigger and the ASR-test trigger (they differ only for the syntactic attack)."""
+    if cfg.attack == "badnet":
+        t = attacks.make_trigger("badnet", triggers=tuple(cfg.triggers), count=cfg.insertions)
+        return t, t
+    if cfg.attack == "insent":
+        t = attacks.make_trigger("insent", trigger=cfg.insent_sentence)
+        return t, t
+    if cfg.attack == "syntactic":
+        p = data.load_scpn(cfg.dataset, data_dir)
+        return (attacks.make_trigger("syntactic", paraphrases=p.train_paraphrases),
+                attacks.make_trigger("syntactic", paraphrases=p.asr_paraphrases(cfg.target)))
+    raise ValueError(f"unknown attack {cfg.attack!r}; choose one of {', '.join(attacks.ATTACKS)}")
+
+
+@dataclass
+class Task:
+    """Everything the stages share about one dataset + attack: clean splits, the poisoned training set,
+    and the two evaluation sets (clean test for CA, triggered non-target test for ASR)."""
+    dataset: data.Dataset
+    poisoned_train: data.Split
+    n_poisoned: int
+    dev: data.Split
+    test: data.Split
+    asr_test: data.Split
+
+
+def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
+    ds = data.load_dataset(cfg.dataset, data_dir, seed=cfg.seed)
+    if not 0 <= cfg.target < ds.num_classes:
+        raise ValueError(f"target label {cfg.target} is not a class of {cfg.dataset} (0..{ds.num_classes - 1})")
+    train_trigger, test_trigger = make_triggers(cfg, data_dir)
+    rng = random.Random(cfg.seed)
+    if cfg.mode == "clean":
+        poisoned = attacks.poison_clean_label(ds.train, train_trigger, cfg.target, cfg.n_poison, rng=rng)
+    elif cfg.mode == "dirty":
+        poisoned = attacks.poison_dirty_label(ds.train, train_trigger, cfg.target, cfg.poison_rate, rng)
+    else:
+        raise ValueError(f"unknown poisoning mode {cfg.mode!r}; choose clean or dirty")
+    train_split = subset(poisoned.as_split(), cfg.train_size, cfg.seed, "attack-train")
+    kept = subset(data.Split(poisoned.sentences, [int(p) for p in poisoned.poisoned]), cfg.train_size, cfg.seed,
+                  "attack-train")
+    asr = attacks.asr_set(ds.test, test_trigger, cfg.target, random.Random(cfg.seed + 1))
+    return Task(ds, train_split, sum(kept.labels), subset(ds.dev, cfg.dev_size, cfg.seed, "dev"),
+                subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"))
+
+
+def student_classifier(cfg_student: str, num_classes: int, seed: int):
+    """The pretrained student with a fresh, seeded classification head."""
+    backbone, tokenizer = models.load_student(cfg_student)
+    clf = models.Classifier(backbone, num_classes, generator=torch.Generator().manual_seed(seed))
+    return clf, tokenizer
+
+
+def save_model(model, path: Path, metadata=None):
+    """Save every tensor of a model (tied ``lm_head`` skipped: it is the embedding)."""
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
+    weights.write_safetensors(path, sd, metadata)
+
+
+def load_model_state(model, path: Path):
+    sd = weights.read_safetensors(path)
+    missing = [k for k in model.state_dict() if k not in sd and "lm_head" not in k]
+    if missing:
+        raise weights.WeightFileError(f"{path}: missing tensors {missing[:3]}; delete the stage folder and rerun")
+    model.load_state_dict(sd, strict=False)
+
+
+def evaluate(model, tokenizer, task: Task, target: int, max_length: int, device, bf16: bool) -> dict:
+    """CA on the clean test set and ASR on the triggered non-target test set; read once per model."""
+    clean = train.encode(tokenizer, task.test.sentences, task.test.labels, max_length)
+    trig = train.encode(tokenizer, task.asr_test.sentences, task.asr_test.labels, max_length)
+    p_clean = train.predict(model, clean, device=device, bf16=bf16)
+    p_trig = train.predict(model, trig, device=device, bf16=bf16)
+    return {"ca": train.accuracy(p_clean, clean.labels),
+            "asr": train.attack_success_rate(p_trig, trig.labels, target),
+            "confusion": train.confusion_matrix(p_clean, clean.labels, task.dataset.num_classes),
+            "n_test": len(clean), "n_asr": len(trig)}
+
+
+def fit_config(cfg, **over) -> train.FitConfig:
+    names = {f.name for f in dataclasses.fields(train.FitConfig)}
+    return train.FitConfig(**{k: v for k, v in asdict(cfg).items() if k in names}, **over)
+
+
+def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_bf16: bool) -> tuple[Path, dict]:
+    """Poison and fully fine-tune the student; cached in ``stages/attack-<key>``."""
+    folder = stages / f"attack-{config_key(cfg, {'eval': len(task.test)})}"
+    done = folder / "metrics.json"
+    if done.exists():
+        return folder, read_json(done)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, tokenizer = student_classifier(cfg.student, task.dataset.num_classes, cfg.seed)
+    model.to(device)
+    train_data = train.encode(tokenizer, task.poisoned_train.sentences, task.poisoned_train.labels, cfg.max_length)
+    dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
+    fit = train.fit(model, train_data, dev_data, fit_config(cfg), device=device, desc="attack: full fine-tune")
+    metrics = evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, eval_bf16)
+    save_model(model, folder / "student.safetensors")
+    metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
+                   n_train=len(train_data), n_poisoned=task.n_poisoned, dev_history=fit.dev_history,
+                   seconds=time.perf_counter() - start)
+    write_json(folder / "history.json", fit.history)
+    write_json(done, metrics)
+    return folder, metrics
+
+
+def load_poisoned(cfg: AttackConfig, folder: Path, num_classes: int):
+    model, tokenizer = student_classifier(cfg.student, num_classes, cfg.seed)
+    load_model_state(model, folder / "student.safetensors")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: the defender's clean teacher
+# ----------------------------------------------------------------------------------------------
+
+def teacher_classifier(cfg: TeacherConfig, num_classes: int, d_student: int):
+    encoder, tokenizer = models.load_teacher(cfg.teacher)
+    clf = models.Classifier(encoder, num_classes, proj_dim=d_student,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+    return clf, tokenizer
+
+
+def teacher_stage(cfg: TeacherConfig, task: Task, d_student: int, stages: Path, device: str) -> tuple[Path, dict]:
+    """Fully fine-tune the teacher on the CLEAN training set; cached in ``stages/teacher-<key>``."""
+    folder = stages / f"teacher-{config_key(cfg, {'dataset': task.dataset.name, 'd_student': d_student, 'eval': len(task.test)})}"
+    done = folder / "metrics.json"
+    if done.exists():
+        return folder, read_json(done)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, tokenizer = teacher_classifier(cfg, task.dataset.num_classes, d_student)
+    model.to(device)
+    clean = subset(task.dataset.train, cfg.train_size, cfg.seed, "teacher-train")
+    train_data = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
+    dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
+    fit = train.fit(model, train_data, dev_data, fit_config(cfg), device=device, desc="teacher: full fine-tune")
+    test = train.encode(tokenizer, task.test.sentences, task.test.labels, cfg.max_length)
+    metrics = {"ca": train.accuracy(train.predict(model, test, device=device), test.labels),
+               "best_dev_acc": fit.best_dev_acc, "n_train": len(train_data),
+               "seconds": time.perf_counter() - start}
+    save_model(model, folder / "teacher.safetensors")
+    write_json(folder / "history.json", fit.history)
+    write_json(done, metrics)
+    return folder, metrics
+
+
+@torch.inference_mode()
+def teacher_outputs(cfg: TeacherConfig, folder: Path, sentences, num_classes: int, d_student: int,
+                    max_length: int, device: str):
+    """The frozen teacher's logits ``z_t`` (N, C) and features ``h_t`` (N, d_s), computed once and cached."""
+    key = hashlib.sha256(json.dumps([sentences, max_length]).encode()).hexdigest()[:12]
+    path = folder / f"outputs-{key}.safetensors"
+    if path.exists():
+        t = weights.read_safetensors(path)
+        return t["z_t"], t["h_t"]
+    model, tokenizer = teacher_classifier(cfg, num_classes, d_student)
+    load_model_state(model, folder / "teacher.safetensors")
+    model.to(device).eval()
+    enc = train.encode(tokenizer, sentences, [0] * len(sentences), max_length)
+    z_t, h_t = torch.empty(len(enc), num_classes), torch.empty(len(enc), d_student)
+    for b in train.batches(enc, 64):
+        z, h = model(b.input_ids.to(device), b.attention_mask.to(device), return_features=True)
+        z_t[b.index], h_t[b.index] = z.float().cpu(), h.float().cpu()
+    weights.write_safetensors(path, {"z_t": z_t, "h_t": h_t})
+    return z_t, h_t
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: unlearning with LoRA on clean data
+# ----------------------------------------------------------------------------------------------
+
+def resolve_weights(cfg: UnlearnConfig, attack: str, defense: str) -> tuple[float, float, float]:
+    """(alpha, beta, gamma): the control uses CE only; W2SDefense ours or the authors' per-attack table."""
+    if defense == "lora":
+        return cfg.alpha, 0.0, 0.0
+    if cfg.weights == "authors":
+        return AUTHORS_WEIGHTS[attack]
+    return cfg.alpha, cfg.beta, cfg.gamma
+
+
+def w2s_loss_fn(z_t_all, h_t_all, alpha, beta, gamma, T):
+    """The training loss of ``train.fit`` for unlearning: look up the cached teacher outputs by row."""
+    def loss_fn(model, batch):
+        z_s, h_s = model(batch.input_ids, batch.attention_mask, return_features=True)
+        idx = batch.index.cpu()
+        z_t, h_t = z_t_all[idx].to(z_s.device), h_t_all[idx].to(z_s.device)
+        return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, gamma, T)
+    return loss_fn
+
+
+def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_folder: Path, tcfg: TeacherConfig,
+                  teacher_folder: Path | None, task: Task, stages: Path, device: str) -> tuple[Path, dict]:
+    """LoRA fine-tuning of the poisoned student on clean data; cached in ``stages/<defense>-<key>``."""
+    a, b, g = resolve_weights(cfg, acfg.attack, defense)
+    key = config_key(cfg, acfg, tcfg if defense != "lora" else None, {"defense": defense, "eval": len(task.test)})
+    folder = stages / f"{defense}-{key}"
+    done = folder / "metrics.json"
+    if done.exists():
+        return folder, read_json(done)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, tokenizer = load_poisoned(acfg, attack_folder, task.dataset.num_classes)
+    # LoRA on the attention query and value projections; the classification head stays fully trainable.
+    lora.inject_lora(model, targets=tuple(cfg.targets), r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     generator=torch.Generator().manual_seed(cfg.seed), trainable=("head",))
+    model.to(device)
+    clean = subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
+    train_data = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
+    dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
+    if defense == "lora":
+        loss_fn = w2s_loss_fn(torch.zeros(len(clean), task.dataset.num_classes),
+                              torch.zeros(len(clean), model.feature_dim), a, 0.0, 0.0, cfg.T)
+    else:
+        z_t, h_t = teacher_outputs(tcfg, teacher_folder, clean.sentences, task.dataset.num_classes,
+                                   model.feature_dim, cfg.max_length, device)
+        loss_fn = w2s_loss_fn(z_t, h_t, a, b, g, cfg.T)
+    fit = train.fit(model, train_data, dev_data, fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
+                    device=device, desc=f"unlearn: {defense}")
+    metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16)
+    metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
+                   weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T},
+                   trainable=lora.count_trainable(model), seconds=time.perf_counter() - start)
+    lora.save_lora(model, folder / "lora.safetensors")
+    write_json(folder / "history.json", fit.history)
+    write_json(done, metrics)
+    return folder, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline and its report
+# ----------------------------------------------------------------------------------------------
+
+def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, int | None]:
+    """Preset first, then every option the user gave explicitly."""
+    p = PRESETS[args.preset]
+    a = AttackConfig(**p["attack"])
+    t = TeacherConfig(**p["teacher"])
+    u = UnlearnConfig(**p["unlearn"])
+    common = dict(seed=args.seed)
+    a = dataclasses.replace(a, **common, **_given(args, {
+        "student": "student", "dataset": "dataset", "attack": "attack", "target": "target", "mode": "poison_mode",
+        "n_poison": "n_poison", "poison_rate": "poison_rate", "epochs": "attack_epochs", "lr": "attack_lr",
+        "insertions": "insertions", "insent_sentence": "insent_sentence"}))
+    if args.triggers:
+        a = dataclasses.replace(a, triggers=tuple(args.triggers.split()))
+    t = dataclasses.replace(t, **common, **_given(args, {"teacher": "teacher", "epochs": "teacher_epochs"}))
+    u = dataclasses.replace(u, **common, **_given(args, {
+        "alpha": "alpha", "beta": "beta", "gamma": "gamma", "rank": "rank", "lora_alpha": "lora_alpha",
+        "epochs": "epochs", "lr": "lr", "clean_size": "clean_size", "weights": "weights"}))
+    return a, t, u, p["eval_size"]
+
+
+def _given(args, mapping: dict) -> dict:
+    return {field_: getattr(args, opt) for field_, opt in mapping.items() if getattr(args, opt) is not None}
+
+
+def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: str, data_dir) -> None:
+    """Fail before any training on a combination that cannot work."""
+    if a.attack not in attacks.ATTACKS:
+        raise SystemExit(f"error: unknown attack {a.attack!r}; choose one of {', '.join(attacks.ATTACKS)}")
+    if defense not in DEFENSES:
+        raise SystemExit(f"error: unknown defense {defense!r}; choose one of {', '.join(DEFENSES)}")
+    if a.attack == "syntactic" and a.dataset not in data.SCPN:
+        raise SystemExit(f"error: the syntactic attack needs precomputed paraphrases, shipped only for "
+                         f"{', '.join(data.SCPN)}; dataset {a.dataset!r} has none")
+    if a.dataset not in data.DATASETS and not Path(a.dataset).is_dir():
+        raise SystemExit(f"error: unknown dataset {a.dataset!r}; choose one of {', '.join(data.DATASETS)} "
+                         f"or give a folder with train.tsv, dev.tsv, test.tsv")
+    for name, value in (("--rank", u.rank), ("--lora-alpha", u.lora_alpha), ("--epochs", u.epochs),
+                        ("--attack-epochs", a.epochs), ("--teacher-epochs", t.epochs)):
+        if value <= 0:
+            raise SystemExit(f"error: {name} must be positive, got {value}")
+    for name, value in (("--alpha", u.alpha), ("--beta", u.beta), ("--gamma", u.gamma)):
+        if value < 0:
+            raise SystemExit(f"error: {name} must be >= 0, got {value}")
+    if u.weights not in ("ours", "authors"):
+        raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | CA | ASR | seconds |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['ca']:.3f} | {r['asr']:.3f} | {r.get('seconds', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    a, t, u, eval_size = resolve_configs(args)
+    check_configs(a, t, u, args.defense, args.data_dir)
+    device = pick_device(args.device)
+    stages = Path(args.stages)
+    out = Path(args.out or f"runs/{a.attack}-{Path(a.dataset).name}-{args.preset}-seed{a.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(a.seed)
+    print(f"w2s: attack={a.attack} dataset={a.dataset} defense={args.defense} preset={args.preset} "
+          f"seed={a.seed} device={device}")
+    print(json.dumps({"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)}, default=str))
+    seconds = {}
+    start = time.perf_counter()
+    task = build_task(a, eval_size, args.data_dir)
+    attack_folder, poisoned = attack_stage(a, task, stages, device, a.bf16)
+    seconds["attack"] = poisoned["seconds"]
+    rows = [{"model": "poisoned", **{k: poisoned[k] for k in ("ca", "asr", "seconds")}}]
+    teacher = None
+    if args.defense != "none":
+        for defense in (["lora"] if args.defense == "lora" else ["lora", args.defense]):
+            tfolder = None
+            if defense != "lora":
+                d_student = models.load_student(a.student)[0].d_model
+                tfolder, teacher = teacher_stage(t, task, d_student, stages, device)
+                seconds["teacher"] = teacher["seconds"]
+            _, m = unlearn_stage(defense, u, a, attack_folder, t, tfolder, task, stages, device)
+            seconds[defense] = m["seconds"]
+            rows.append({"model": defense, **{k: m[k] for k in ("ca", "asr", "seconds")}, "weights": m["weights"]})
+    result = {"rows": rows, "teacher_ca": teacher["ca"] if teacher else None, "seconds": seconds,
+              "wall_seconds": time.perf_counter() - start, "preset": args.preset, "seed": a.seed,
+              "config": {"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)},
+              "machine": machine(), "device": device}
+    write_json(out / "results.json", result)
+    table = markdown_table(rows)
+    teacher_line = f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f}\n" if teacher else "\n"
+    with weights.atomic_write(out / "results.md") as f:
+        f.write((f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}\n\n{table}\n{teacher_line}").encode())
+    print("\n" + table + teacher_line + f"results: {out / 'results.json'}")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attack", default="badnet", help=f"backdoor to plant: {', '.join(attacks.ATTACKS)}")
+    p.add_argument("--dataset", default=None, help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
+    p.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)} (w2sdefense also runs the lora control)")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu: a laptop; paper: the authors' settings, for a GPU")
+    p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
+    p.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")
+    p.add_argument("--target", type=int, default=None, help="the attacker's target label (default 0)")
+    p.add_argument("--poison-mode", default=None, choices=["clean", "dirty"], help="clean-label (the paper) or dirty-label poisoning")
+    p.add_argument("--n-poison", type=int, default=None, help="clean-label: how many target-label samples get the trigger")
+    p.add_argument("--poison-rate", type=float, default=None, help="dirty-label: share of the training set poisoned")
+    p.add_argument("--triggers", default=None, help="BadNet trigger word(s), space-separated (default 'mn')")
+    p.add_argument("--insertions", type=int, default=None, help="BadNet insertions per sentence")
+    p.add_argument("--insent-sentence", default=None, help="InSent trigger sentence")
+    p.add_argument("--attack-epochs", type=float, default=None, help="epochs of the attacker's full fine-tuning")
+    p.add_argument("--attack-lr", type=float, default=None, help="learning rate of the attacker's fine-tuning")
+    p.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher's fine-tuning")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the cross-entropy term")
+    p.add_argument("--beta", type=float, default=None, help="weight of the T^2-scaled KL distillation term")
+    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term")
+    p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated) or the authors' per-attack table")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank r")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs of unlearning")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning")
+    p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    p.add_argument("--data-dir", default=None, help="folder with the datasets (default $W2S_DATA_DIR or the cache)")
+    p.add_argument("--out", default=None, help="run folder for results.json / results.md (default under runs/)")
+    p.add_argument("--stages", default="runs/stages", help="cache folder of the stages, shared by runs")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.dataset is None:
+        args.dataset = None
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are kept, nothing half-written was left", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

