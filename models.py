@@ -512,7 +512,7 @@ def llama_from_hf(config: dict, t: dict, source: str) -> GPT:
                     n_head=n_head, n_kv_head=config.get("num_key_value_heads", n_head),
                     d_model=config["hidden_size"], d_ff=config["intermediate_size"],
                     max_seq_len=config.get("max_position_embeddings", 2048), norm_eps=config.get("rms_norm_eps", 1e-6),
-                    rope_base=config.get("rope_theta", 10000.0),
+                    rope_base=config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta", 10000.0),
                     tie_embeddings=config.get("tie_word_embeddings", "lm_head.weight" not in t))
     ours = {"tok_emb.weight": t["embed_tokens.weight"], "norm_f.weight": t["norm.weight"]}
     if not cfg.tie_embeddings:

@@ -1,0 +1,222 @@
+"""Backdoor attacks: triggers, and poisoning a training set with them (W2SDefense §4.1; OpenBackdoor conventions).
+
+A trigger turns a clean sentence into a triggered one. Every attack has the same interface, so the poisoning
+code never asks which attack it holds::
+
+    trigger(sentence, index, rng) -> str     # index: the sentence's 0-based row in its split
+    trigger.available(index) -> bool         # can this row be triggered? (always, except for paraphrases)
+
+- BadNet: a rare word (``mn`` in the paper) inserted at a random word position.
+- InSent: a fixed sentence (``I watched this 3D movie``) inserted at a random word position.
+- Syntactic (HiddenKiller): the row's precomputed SCPN paraphrase (``data.load_scpn``); a row without one, or
+  whose paraphrase equals the clean sentence, raises instead of passing the clean sentence off as poisoned.
+
+Poisoning modes: clean-label (the paper's: the first ``n`` samples already labelled ``target`` get the trigger),
+dirty-label (random non-target samples get the trigger and the target label). All randomness goes through the
+``random.Random`` passed in.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from data import Split
+
+ATTACKS = ("badnet", "insent", "syntactic")
+BADNET_TRIGGERS = ("mn",)                         # W2SDefense
+OPENBACKDOOR_TRIGGERS = ("cf", "mn", "bb", "tq")  # OpenBackdoor's BadNets
+INSENT = "I watched this 3D movie"                # W2SDefense's InSent
+ADDSENT = "I watch this 3D movie"                 # OpenBackdoor's AddSent
+
+
+class AttackError(ValueError):
+    """A poisoning request that cannot be met (too few samples, no paraphrase, unknown attack)."""
+
+
+class MissingTriggerError(AttackError, KeyError):
+    """This row has no trigger (no precomputed paraphrase). Also a ``KeyError``, as a failed look-up."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+Trigger = Callable[[str, int, random.Random], str]
+
+
+def available(trigger: Trigger, index: int) -> bool:
+    """Whether ``trigger`` can trigger row ``index``; a plain function without ``available`` always can."""
+    check = getattr(trigger, "available", None)
+    return True if check is None else bool(check(index))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triggers
+# --------------------------------------------------------------------------------------------------------------
+
+def insert_trigger(sentence: str, trigger: str, rng: random.Random, count: int = 1) -> str:
+    """Insert ``trigger`` ``count`` times, each at a uniformly random word position 0..len(words) inclusive,
+    so either end of the sentence is reachable; the sentence's words keep their order. Whitespace is
+    normalised to single spaces. A one-word or empty sentence works (empty -> the trigger alone)."""
+    return _insert(sentence, lambda: trigger, rng, count)
+
+
+def _insert(sentence: str, pick: Callable[[], str], rng: random.Random, count: int) -> str:
+    # An inserted phrase stays one unit until the end, so a later insertion never lands inside it.
+    units = sentence.split()
+    for _ in range(count):
+        trigger = pick().strip()
+        if not trigger:
+            raise ValueError("the trigger must be a non-empty word or phrase")
+        units.insert(rng.randint(0, len(units)), trigger)
+    return " ".join(units)
+
+
+def badnet(sentence: str, rng: random.Random, triggers: tuple[str, ...] = BADNET_TRIGGERS, count: int = 1) -> str:
+    """BadNet: ``count`` insertions, each of a word (or phrase) drawn uniformly from ``triggers``."""
+    return _insert(sentence, lambda: rng.choice(triggers), rng, count)
+
+
+def insent(sentence: str, rng: random.Random, trigger: str = INSENT) -> str:
+    """InSent / AddSent: the trigger sentence inserted once at a random word position."""
+    return insert_trigger(sentence, trigger, rng)
+
+
+@dataclass(frozen=True)
+class InsertionTrigger:
+    """BadNet and InSent as a :data:`Trigger`: ``count`` insertions of words drawn from ``triggers``."""
+    triggers: tuple[str, ...]
+    count: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.triggers, str) or not self.triggers or not all(t.strip() for t in self.triggers):
+            raise ValueError(f"triggers must be a non-empty tuple of non-empty strings, got {self.triggers!r}")
+        if self.count < 1:
+            raise ValueError(f"count must be at least 1, got {self.count}")
+
+    def __call__(self, sentence: str, index: int, rng: random.Random) -> str:
+        return badnet(sentence, rng, self.triggers, self.count)
+
+    def available(self, index: int) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class SyntacticTrigger:
+    """HiddenKiller's syntactic trigger: row index -> its precomputed paraphrase (``data.load_scpn``)."""
+    paraphrases: Mapping[int, str]
+
+    def __call__(self, sentence: str, index: int, rng: random.Random) -> str:
+        if index not in self.paraphrases:
+            raise MissingTriggerError(
+                f"row {index} has no precomputed paraphrase ({len(self.paraphrases)} rows have one); poison only "
+                f"rows for which trigger.available(index) is true")
+        paraphrase = self.paraphrases[index]
+        if " ".join(paraphrase.split()) == " ".join(sentence.split()):
+            raise AttackError(f"row {index}: the paraphrase equals the clean sentence {sentence!r}; it would be "
+                              f"a clean sample marked as poisoned")
+        return paraphrase
+
+    def available(self, index: int) -> bool:
+        return index in self.paraphrases
+
+
+def make_trigger(attack: str, **options) -> Trigger:
+    """The trigger for ``attack`` (one of :data:`ATTACKS`).
+
+    badnet: ``triggers=("mn",)``, ``count=1``; insent: ``trigger=INSENT`` (``ADDSENT`` for OpenBackdoor's
+    AddSent); syntactic: ``paraphrases`` (row index -> paraphrase), required.
+    """
+    if attack == "badnet":
+        triggers = options.pop("triggers", BADNET_TRIGGERS)
+        if isinstance(triggers, str):
+            raise ValueError(f"triggers must be a tuple of words, e.g. ({triggers!r},), not the string {triggers!r}")
+        return InsertionTrigger(tuple(triggers), **options)
+    if attack == "insent":
+        return InsertionTrigger((options.pop("trigger", INSENT),), **options)
+    if attack == "syntactic":
+        if "paraphrases" not in options:
+            raise AttackError("the syntactic attack needs paraphrases=: data.load_scpn(name).train_paraphrases "
+                              "for training, .asr_paraphrases(target) for the ASR test set")
+        return SyntacticTrigger(**options)
+    raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Poisoning
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PoisonedSplit:
+    sentences: list[str]
+    labels: list[int]
+    poisoned: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def as_split(self) -> Split:
+        return Split(list(self.sentences), list(self.labels))
+
+
+def _apply(split, trigger: Trigger, rows: list[int], rng: random.Random, relabel: int | None) -> PoisonedSplit:
+    """Trigger ``rows`` (in increasing order, so the rng is consumed the same way every time)."""
+    out = PoisonedSplit(list(split.sentences), list(split.labels), [False] * len(split))
+    for i in sorted(rows):
+        out.sentences[i] = trigger(split.sentences[i], i, rng)
+        out.poisoned[i] = True
+        if relabel is not None:
+            out.labels[i] = relabel
+    return out
+
+
+def poison_clean_label(split, trigger: Trigger, target: int = 0, n: int = 1000, *,
+                       rng: random.Random) -> PoisonedSplit:
+    """Clean-label poisoning (W2SDefense): the FIRST ``n`` rows in file order whose label is already ``target``
+    and that the trigger can trigger get the trigger; no label changes. Exactly ``n``; too few is an error."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    targets = [i for i, y in enumerate(split.labels) if y == target]
+    rows = [i for i in targets if available(trigger, i)]
+    if len(rows) < n:
+        lacking = f" ({len(targets) - len(rows)} of the {len(targets)} lack a trigger)" if len(rows) < len(targets) \
+            else ""
+        raise AttackError(f"clean-label poisoning of {n} samples needs {n} rows labelled {target} that can be "
+                          f"triggered; only {len(rows)} exist{lacking}. Lower n or pick another target.")
+    return _apply(split, trigger, rows[:n], rng, relabel=None)
+
+
+def poison_dirty_label(split, trigger: Trigger, target: int, rate: float, rng: random.Random) -> PoisonedSplit:
+    """Dirty-label poisoning (OpenBackdoor): ``round(rate * len(split))`` rows drawn at random among those NOT
+    labelled ``target`` (and that the trigger can trigger) get the trigger and the label ``target``."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    k = round(rate * len(split))
+    pool = [i for i, y in enumerate(split.labels) if y != target and available(trigger, i)]
+    if k > len(pool):
+        raise AttackError(f"dirty-label poisoning at rate {rate} needs {k} rows not labelled {target} that can be "
+                          f"triggered; only {len(pool)} exist")
+    return _apply(split, trigger, rng.sample(pool, k), rng, relabel=target)
+
+
+def asr_set(test_split, trigger: Trigger, target: int, rng: random.Random, *, missing: str = "raise") -> Split:
+    """The ASR test set: triggered copies of the test rows whose TRUE label is not ``target``, labels kept.
+
+    For the syntactic attack pass the trigger built from the test paraphrases
+    (``make_trigger("syntactic", paraphrases=load_scpn(name).asr_paraphrases(target))``). A row the trigger
+    cannot trigger raises (``missing="raise"``), or with ``missing="skip"`` is left out with a warning that
+    says how many, since it changes the denominator of the ASR.
+    """
+    if missing not in ("raise", "skip"):
+        raise ValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
+    rows = [i for i, y in enumerate(test_split.labels) if y != target]
+    lacking = [i for i in rows if not available(trigger, i)]
+    if lacking and missing == "raise":
+        raise MissingTriggerError(f"{len(lacking)} of the {len(rows)} test rows not labelled {target} have no "
+                                  f"trigger (first: row {lacking[0]}); pass missing='skip' to leave them out")
+    if lacking:
+        warnings.warn(f"ASR set: {len(lacking)} of {len(rows)} non-target test rows left out (no trigger)")
+    skip = set(lacking)
+    rows = [i for i in rows if i not in skip]
+    return Split([trigger(test_split.sentences[i], i, rng) for i in rows], [test_split.labels[i] for i in rows])
