@@ -619,3 +619,30 @@ def load_teacher(name_or_path: str = weights.DEFAULT_TEACHER) -> tuple[Bert, tok
     model, config = load_encoder(path)
     tokenizer = tok.wordpiece_tokenizer(path / "vocab.txt", lowercase=config.get("do_lower_case", True))
     return model.eval(), tokenizer
+
+
+def _hello():
+    """``python models.py``: load the default student and teacher, generate, compare two embeddings."""
+    import time
+    t0 = time.perf_counter()
+    student, s_tok = load_student()
+    t1 = time.perf_counter()
+    teacher, t_tok = load_teacher()
+    t2 = time.perf_counter()
+    print(f"student {weights.DEFAULT_STUDENT}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
+          f"loaded in {t1 - t0:.1f} s; teacher {weights.DEFAULT_TEACHER}: loaded in {t2 - t1:.1f} s")
+    prompt = "The capital of France is"
+    ids = torch.tensor([s_tok.encode(prompt)])
+    print("greedy:", repr(s_tok.decode(student.generate(ids, 20)[0].tolist())))
+    sentences = ["a gripping, funny film", "an exciting and amusing movie", "the stock market fell sharply"]
+    ids, mask = t_tok.encode_batch(sentences)
+    with torch.inference_mode():
+        h = teacher.hidden_states(ids, mask)                                            # (3, T, d)
+        e = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)                   # mean over real tokens
+        e = F.normalize(e, dim=-1)
+    print(f"teacher cosine similarity: {sentences[0]!r} ~ {sentences[1]!r}: {float(e[0] @ e[1]):.3f}; "
+          f"~ {sentences[2]!r}: {float(e[0] @ e[2]):.3f}")
+
+
+if __name__ == "__main__":
+    _hello()

@@ -65,7 +65,8 @@ class AttackConfig:
     warmup_ratio: float = 0.06
     evals_per_epoch: int = 2
     dev_size: int | None = None                   # seeded subset of the clean dev set for selection
-    bf16: bool = True
+    bf16: bool | None = None                      # None: bf16 autocast on a GPU, float32 on a CPU
+    freeze_embeddings: bool = True                # the token table is only looked up: freezing it saves time
     seed: int = 0
 
 
@@ -80,7 +81,7 @@ class TeacherConfig:
     warmup_ratio: float = 0.06
     train_size: int | None = None
     evals_per_epoch: int = 1
-    bf16: bool = False
+    bf16: bool | None = None
     seed: int = 0
 
 
@@ -106,7 +107,7 @@ class UnlearnConfig:
     clean_size: int | None = 2000                 # seeded subset of the clean training set
     max_length: int = 64
     evals_per_epoch: int = 1
-    bf16: bool = True
+    bf16: bool | None = None
     seed: int = 0
 
 
@@ -114,11 +115,11 @@ PRESETS = {
     # A first look, for notebooks and CI: small sets, dirty-label poisoning (a clean-label backdoor
     # needs more data than a few minutes allow), short max length.
     "quick": {
-        "attack": dict(mode="dirty", poison_rate=0.2, train_size=1000, epochs=1.0, lr=1e-4, max_length=32,
-                       dev_size=200),
-        "teacher": dict(train_size=1000, epochs=2.0, max_length=32),
-        "unlearn": dict(clean_size=400, epochs=2.0, max_length=32),
-        "eval_size": 300,
+        "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=1.0, lr=1e-4, max_length=32,
+                       dev_size=100, evals_per_epoch=1),
+        "teacher": dict(train_size=600, epochs=2.0, max_length=32),
+        "unlearn": dict(clean_size=200, epochs=2.0, max_length=32),
+        "eval_size": 200,
     },
     # The default, sized for a laptop CPU: the paper's clean-label attack on the full training set,
     # one epoch; the defender's clean data is a 2,000-sentence seeded subset.
@@ -279,6 +280,8 @@ def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, tokenizer = student_classifier(cfg.student, task.dataset.num_classes, cfg.seed)
+    if cfg.freeze_embeddings:
+        model.backbone.tok_emb.weight.requires_grad_(False)
     model.to(device)
     train_data = train.encode(tokenizer, task.poisoned_train.sentences, task.poisoned_train.labels, cfg.max_length)
     dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
@@ -368,10 +371,14 @@ def resolve_weights(cfg: UnlearnConfig, attack: str, defense: str) -> tuple[floa
     return cfg.alpha, cfg.beta, cfg.gamma
 
 
-def w2s_loss_fn(z_t_all, h_t_all, alpha, beta, gamma, T):
-    """The training loss of ``train.fit`` for unlearning: look up the cached teacher outputs by row."""
+def unlearning_loss(alpha, beta, gamma, T, z_t_all=None, h_t_all=None):
+    """The ``loss_fn`` of ``train.fit`` for unlearning. With the cached teacher outputs (looked up by row):
+    ``alpha*CE + beta*KD + gamma*FA``; without them (the control): ``alpha*CE`` alone."""
     def loss_fn(model, batch):
         z_s, h_s = model(batch.input_ids, batch.attention_mask, return_features=True)
+        if z_t_all is None:
+            ce = losses.cross_entropy(z_s, batch.labels)
+            return alpha * ce, {"ce": ce.item()}
         idx = batch.index.cpu()
         z_t, h_t = z_t_all[idx].to(z_s.device), h_t_all[idx].to(z_s.device)
         return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, gamma, T)
@@ -398,12 +405,11 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     train_data = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
     dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
     if defense == "lora":
-        loss_fn = w2s_loss_fn(torch.zeros(len(clean), task.dataset.num_classes),
-                              torch.zeros(len(clean), model.feature_dim), a, 0.0, 0.0, cfg.T)
+        loss_fn = unlearning_loss(a, 0.0, 0.0, cfg.T)
     else:
         z_t, h_t = teacher_outputs(tcfg, teacher_folder, clean.sentences, task.dataset.num_classes,
                                    model.feature_dim, cfg.max_length, device)
-        loss_fn = w2s_loss_fn(z_t, h_t, a, b, g, cfg.T)
+        loss_fn = unlearning_loss(a, b, g, cfg.T, z_t, h_t)
     fit = train.fit(model, train_data, dev_data, fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                     device=device, desc=f"unlearn: {defense}")
     metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16)
@@ -478,6 +484,8 @@ def run(args) -> dict:
     a, t, u, eval_size = resolve_configs(args)
     check_configs(a, t, u, args.defense, args.data_dir)
     device = pick_device(args.device)
+    # bf16 autocast pays off only with bf16 hardware (a GPU); on a CPU without it, it is several times slower.
+    a, t, u = (c if c.bf16 is not None else dataclasses.replace(c, bf16=device == "cuda") for c in (a, t, u))
     stages = Path(args.stages)
     out = Path(args.out or f"runs/{a.attack}-{Path(a.dataset).name}-{args.preset}-seed{a.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -518,7 +526,7 @@ def run(args) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attack", default="badnet", help=f"backdoor to plant: {', '.join(attacks.ATTACKS)}")
-    p.add_argument("--dataset", default=None, help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
+    p.add_argument("--dataset", default=data.DEFAULT_DATASET, help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
     p.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)} (w2sdefense also runs the lora control)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu: a laptop; paper: the authors' settings, for a GPU")
     p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
@@ -552,8 +560,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.dataset is None:
-        args.dataset = None
+    sys.stdout.reconfigure(line_buffering=True)       # progress lines appear as they happen, also in a log
     try:
         run(args)
     except KeyboardInterrupt:

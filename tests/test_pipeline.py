@@ -1,0 +1,143 @@
+"""The pipeline end to end on tiny random models, the training loop's metrics, and the command line."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+import w2s
+
+transformers = pytest.importorskip("transformers")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ---------------------------------------------------------------- metrics on a hand-made case
+
+def test_accuracy_asr_confusion_by_hand():
+    preds = torch.tensor([0, 0, 1, 2, 0, 1])
+    labels = torch.tensor([0, 1, 1, 2, 2, 0])
+    assert train.accuracy(preds, labels) == pytest.approx(3 / 6)
+    # target 0: rows with true label != 0 are 1, 2, 3, 4; predicted 0 at rows 1 and 4 -> 2 / 4
+    assert train.attack_success_rate(preds, labels, target=0) == pytest.approx(0.5)
+    assert train.confusion_matrix(preds, labels, 3) == [[1, 1, 0], [1, 1, 0], [1, 0, 1]]
+    with pytest.raises(ValueError):
+        train.attack_success_rate(preds[:1], labels[:1], target=0)
+
+
+def test_linear_schedule_warmup_then_decay():
+    assert [round(train.linear_schedule(s, 10, 2), 3) for s in range(0, 11, 2)] == [0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_length_bucketed_batches_cover_every_row_once():
+    enc = train.Encoded([[1] * n for n in range(1, 40)], torch.arange(39) % 2, pad_id=0)
+    seen = []
+    for b in train.batches(enc, 8, shuffle=True, rng=random.Random(0), bucket=2):
+        seen += b.index.tolist()
+        lengths = b.attention_mask.sum(1)
+        assert b.input_ids.shape[1] == lengths.max()                # dynamic padding
+    assert sorted(seen) == list(range(39))
+
+
+# ---------------------------------------------------------------- tiny end-to-end run
+
+def make_tiny_world(root: Path):
+    """A tiny GPT-2 student (real tokenizer files), a tiny BERT teacher and a small dataset folder."""
+    torch.manual_seed(0)
+    gpt2_files = SHARED / "tokenizers" / "gpt2"
+    student = root / "student"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(student)
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        (student / dst).write_bytes((gpt2_files / src).read_bytes())
+    import weights
+    teacher = root / "teacher"
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                   intermediate_size=64)).save_pretrained(teacher)
+    (teacher / "vocab.txt").write_bytes((weights.resolve_teacher("minilm-l6") / "vocab.txt").read_bytes())
+    ds = root / "ds"
+    ds.mkdir()
+    rng = random.Random(0)
+    good, bad = ["great", "lovely", "superb", "fine"], ["awful", "boring", "dull", "bad"]
+    for split, n in (("train", 96), ("dev", 24), ("test", 32)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            y = i % 2
+            words = [rng.choice(good if y else bad) for _ in range(3)] + ["film"]
+            rows.append(" ".join(words) + f"\t{y}")
+        (ds / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return student, teacher, ds
+
+
+def tiny_args(root, student, teacher, ds, *extra):
+    return w2s.parser().parse_args([
+        "--preset", "quick", "--student", str(student), "--teacher", str(teacher), "--dataset", str(ds),
+        "--stages", str(root / "stages"), "--out", str(root / "run"), "--poison-rate", "0.25",
+        "--poison-mode", "dirty", "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1",
+        "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", *extra])
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_path):
+    student, teacher, ds = make_tiny_world(tmp_path)
+    result = w2s.run(tiny_args(tmp_path, student, teacher, ds))
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"poisoned", "lora", "w2sdefense"}
+    for r in rows.values():
+        assert 0.0 <= r["ca"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
+    assert rows["poisoned"]["asr"] >= 0.9          # the tiny model learns the trigger "mn" -> label 0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("rows", "teacher_ca", "seconds", "config", "seed", "machine", "preset"):
+        assert key in saved
+    assert (tmp_path / "run" / "results.md").read_text().startswith("# badnet")
+    stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    assert [d.split("-")[0] for d in stage_dirs] == ["attack", "lora", "teacher", "w2sdefense"]
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
+    again = w2s.run(tiny_args(tmp_path, student, teacher, ds))     # every stage is reused, nothing rewritten
+    assert again["rows"] == result["rows"]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
+    student, teacher, ds = make_tiny_world(tmp_path)
+    tcfg = w2s.TeacherConfig(teacher=str(teacher), epochs=1, max_length=16)
+    acfg = w2s.AttackConfig(student=str(student), dataset=str(ds), n_poison=10)
+    task = w2s.build_task(acfg, None)
+    folder, _ = w2s.teacher_stage(tcfg, task, 32, tmp_path / "stages", "cpu")
+    sentences = task.dataset.train.sentences[:10]
+    z1, h1 = w2s.teacher_outputs(tcfg, folder, sentences, 2, 32, 16, "cpu")     # computed and cached
+    z2, h2 = w2s.teacher_outputs(tcfg, folder, sentences, 2, 32, 16, "cpu")     # read from the cache
+    model, tok = w2s.teacher_classifier(tcfg, 2, 32)
+    w2s.load_model_state(model, folder / "teacher.safetensors")
+    ids, mask = tok.encode_batch(sentences, max_length=16)
+    with torch.no_grad():
+        z, h = model.eval()(ids, mask, return_features=True)
+    torch.testing.assert_close(z1, z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h1, h, atol=1e-5, rtol=0)
+    assert torch.equal(z1, z2) and torch.equal(h1, h2)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------- command line: errors before any work
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attack", "nope"], "choose one of badnet, insent, syntactic"),
+    (["--defense", "nope"], "choose one of none, lora, w2sdefense"),
+    (["--dataset", "nope"], "choose one of sst2"),
+    (["--attack", "syntactic", "--dataset", "agnews"], "paraphrases"),
+    (["--rank", "0"], "--rank must be positive"),
+    (["--gamma", "-1"], "--gamma must be >= 0"),
+])
+def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        w2s.run(w2s.parser().parse_args(argv + ["--stages", str(tmp_path / "s"), "--out", str(tmp_path / "o")]))
+    assert message in str(e.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_rejects_unknown_preset():
+    with pytest.raises(SystemExit):
+        w2s.parser().parse_args(["--preset", "huge"])
