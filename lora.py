@@ -150,11 +150,13 @@ def inject_lora(
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
     trainable: Iterable[str] = ("head",),
+    within: Iterable[str] | None = None,
 ) -> list[str]:
     """Wrap every `nn.Linear` whose attribute name is in `targets` with `LoRALinear`, in place, and freeze the rest.
 
     Afterwards only the LoRA matrices A, B and the parameters whose qualified name starts with a prefix in
     `trainable` require grad. W2SDefense keeps the classification head ("head") fully trainable.
+    `within` (qualified-name prefixes, e.g. the top blocks "backbone.blocks.27.") limits where LoRA goes.
     A is initialised in module order from `generator`, so one seed gives one set of A matrices.
 
     Returns the qualified names of the wrapped modules. Raises ValueError if no layer matches (listing the
@@ -169,9 +171,13 @@ def inject_lora(
 
     linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = [name for name in linear_names if name.rsplit(".", 1)[-1] in targets]
+    if within is not None:
+        within = (within,) if isinstance(within, str) else tuple(within)
+        chosen = [name for name in chosen if name.startswith(within)]
     if not chosen:
         raise ValueError(
-            f"no nn.Linear named any of {list(targets)}; the model's Linear layers are: {linear_names}"
+            f"no nn.Linear named any of {list(targets)}" + (f" within {list(within)}" if within else "")
+            + f"; the model's Linear layers are: {linear_names}"
         )
     param_names = [name for name, _ in model.named_parameters()]
     for prefix in trainable:

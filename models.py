@@ -231,19 +231,27 @@ class GPT(nn.Module):
     def d_model(self) -> int:
         return self.cfg.d_model
 
-    def hidden_states(self, input_ids, attention_mask=None, layer: int | None = None):
+    def hidden_states(self, input_ids, attention_mask=None, layer: int | None = None, prefix=None):
         """Final hidden states (B, T, d) after the last norm; or, with ``layer=i``, the residual
-        stream after block i (0-based, no final norm)."""
+        stream after block i (0-based, no final norm).
+
+        ``prefix=(x, k)``: ``x`` (B, T, d) is the residual stream after the first ``k`` blocks, computed
+        earlier (``hidden_states(..., layer=k - 1)``). While those blocks are frozen this is exact and
+        saves their cost on every step: the forward starts at block ``k`` (see ``train.cache_prefix``).
+        """
         B, T = input_ids.shape
         positions, mask = positions_and_mask(attention_mask, T, input_ids.device)
-        x = self.tok_emb(input_ids)                                                   # (B, T, d)
         rope = None
-        if self.cfg.style == "gpt2":
-            x = x + self.pos_emb(positions)
-        else:
+        if self.cfg.style != "gpt2":
             rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, rope)
+        if prefix is None:
+            x, start = self.tok_emb(input_ids), 0                                      # (B, T, d)
+            if self.cfg.style == "gpt2":
+                x = x + self.pos_emb(positions)
+        else:
+            x, start = prefix
+        for i in range(start, len(self.blocks)):
+            x = self.blocks[i](x, mask, rope)
             if i == layer:
                 return x
         return self.norm_f(x)
@@ -368,14 +376,15 @@ class Classifier(nn.Module):
                 if layer.bias is not None:
                     layer.bias.zero_()
 
-    def features(self, input_ids, attention_mask=None):
-        """The pooled feature ``h`` (B, feature_dim) that the head reads."""
-        hidden = self.backbone.hidden_states(input_ids, attention_mask)              # (B, T, d)
+    def features(self, input_ids, attention_mask=None, prefix=None):
+        """The pooled feature ``h`` (B, feature_dim) that the head reads. ``prefix``: see ``GPT.hidden_states``."""
+        extra = {} if prefix is None else {"prefix": prefix}
+        hidden = self.backbone.hidden_states(input_ids, attention_mask, **extra)     # (B, T, d)
         h = last_real_token(hidden, attention_mask) if self.pooling == "last" else hidden[:, 0]
         return self.proj(h) if self.proj is not None else h
 
-    def forward(self, input_ids, attention_mask=None, return_features: bool = False):
-        h = self.features(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask=None, return_features: bool = False, prefix=None):
+        h = self.features(input_ids, attention_mask, prefix)
         z = self.head(h)                                                              # (B, C)
         return (z, h) if return_features else z
 

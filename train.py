@@ -18,6 +18,7 @@ distillation terms without a second loop. Every term is logged per step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -40,6 +41,10 @@ class Encoded:
     labels: torch.Tensor                  # (N,) long
     pad_id: int
     padding_side: str = "right"
+    # Optional frozen-prefix cache (``cache_prefix``): per row, the residual stream (len_i, d) after the
+    # first ``prefix_layers`` blocks of the model, which are frozen, so every step can start above them.
+    prefix: list[torch.Tensor] | None = None
+    prefix_layers: int = 0
 
     def __len__(self):
         return len(self.ids)
@@ -51,9 +56,17 @@ class Batch:
     attention_mask: torch.Tensor          # (B, T), 1 = real token
     labels: torch.Tensor                  # (B,)
     index: torch.Tensor                   # (B,) rows of the Encoded set, e.g. to look up cached teacher outputs
+    prefix: tuple | None = None           # (states (B, T, d), k) from the frozen-prefix cache, or None
 
     def to(self, device):
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.index)))
+        prefix = None if self.prefix is None else (self.prefix[0].to(device), self.prefix[1])
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.index)),
+                     prefix=prefix)
+
+    def inputs(self) -> dict:
+        """Keyword arguments of a model's forward: ids, mask, and the cached prefix when there is one."""
+        extra = {} if self.prefix is None else {"prefix": self.prefix}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **extra}
 
 
 def encode(tokenizer, sentences, labels, max_length: int, padding_side: str = "right") -> Encoded:
@@ -78,7 +91,49 @@ def collate(data: Encoded, index: list[int]) -> Batch:
         cols = slice(T - len(row), T) if data.padding_side == "left" else slice(0, len(row))
         input_ids[r, cols] = torch.tensor(row)
         mask[r, cols] = 1
-    return Batch(input_ids, mask, data.labels[index], torch.tensor(index))
+    prefix = None
+    if data.prefix is not None:                  # pad the cached states the same way (pad rows stay 0)
+        states = torch.zeros(len(index), T, data.prefix[0].shape[-1], dtype=data.prefix[0].dtype)
+        for r, i in enumerate(index):
+            n = len(data.ids[i])
+            if data.padding_side == "left":
+                states[r, T - n:] = data.prefix[i]
+            else:
+                states[r, :n] = data.prefix[i]
+        prefix = (states, data.prefix_layers)
+    return Batch(input_ids, mask, data.labels[index], torch.tensor(index), prefix)
+
+
+@torch.no_grad()
+def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: int = 64,
+                 memo: dict | None = None, memo_key=None) -> Encoded:
+    """``data`` with each row's residual stream after the first ``layers`` blocks of ``model`` (a decoder
+    ``Classifier``), computed once. Valid only while those blocks stay frozen; then every later forward
+    (``model(**batch.inputs())``) starts at block ``layers`` and gives the same result, ``layers`` blocks
+    cheaper. ``layers = 0`` returns ``data`` unchanged. States are kept in float32 on the CPU.
+
+    ``memo``: a dict shared between calls whose models have the same first ``layers`` blocks (name them by
+    ``memo_key``); a sentence seen before is looked up, not recomputed.
+    """
+    if layers <= 0:
+        return data
+    n_blocks = len(model.backbone.blocks)
+    if layers >= n_blocks:
+        raise ValueError(f"a frozen prefix of {layers} blocks leaves nothing to train (the model has {n_blocks})")
+    memo = {} if memo is None else memo
+    key = lambda i: (memo_key, layers, tuple(data.ids[i]))
+    todo = [i for i in range(len(data)) if key(i) not in memo]
+    was_training = model.training
+    model.eval()
+    sub = dataclasses.replace(data, ids=[data.ids[i] for i in todo], labels=data.labels[todo] if todo else data.labels[:0])
+    for b in batches(sub, batch_size):
+        x = model.backbone.hidden_states(b.input_ids.to(device), b.attention_mask.to(device), layer=layers - 1)
+        x = x.float().cpu()
+        for r, j in enumerate(b.index.tolist()):
+            n = len(sub.ids[j])
+            memo[key(todo[j])] = (x[r, -n:] if data.padding_side == "left" else x[r, :n]).clone()
+    model.train(was_training)
+    return dataclasses.replace(data, prefix=[memo[key(i)] for i in range(len(data))], prefix_layers=layers)
 
 
 def batches(data: Encoded, batch_size: int, shuffle: bool = False, rng: random.Random | None = None,
@@ -123,7 +178,7 @@ def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, devi
     preds = torch.empty(len(data), dtype=torch.long)
     for b in batches(data, batch_size):
         with autocast(device, bf16):
-            logits = model(b.input_ids.to(device), b.attention_mask.to(device))
+            logits = model(**b.to(device).inputs())
         preds[b.index] = logits.argmax(-1).cpu()
     model.train(was_training)
     return preds
@@ -173,7 +228,7 @@ class FitConfig:
 
 def cross_entropy_loss(model, batch: Batch):
     """The plain task loss ``CE(z, y)``, the default ``loss_fn``."""
-    z = model(batch.input_ids, batch.attention_mask)
+    z = model(**batch.inputs())
     ce = F.cross_entropy(z.float(), batch.labels)
     return ce, {"ce": ce.item()}
 

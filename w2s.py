@@ -67,6 +67,7 @@ class AttackConfig:
     dev_size: int | None = None                   # seeded subset of the clean dev set for selection
     bf16: bool | None = None                      # None: bf16 autocast on a GPU, float32 on a CPU
     freeze_embeddings: bool = True                # the token table is only looked up: freezing it saves time
+    train_layers: int | None = None               # None: every block (full fine-tuning); k: only the top k blocks
     seed: int = 0
 
 
@@ -101,6 +102,7 @@ class UnlearnConfig:
     lora_alpha: float = 64.0
     lora_dropout: float = 0.1
     targets: tuple = ("q_proj", "v_proj")
+    lora_layers: int | None = None                # None: LoRA in every block; k: only in the top k blocks
     lr: float = 2e-4
     epochs: float = 2.0
     batch_size: int = 16
@@ -254,10 +256,33 @@ def load_model_state(model, path: Path):
     model.load_state_dict(sd, strict=False)
 
 
-def evaluate(model, tokenizer, task: Task, target: int, max_length: int, device, bf16: bool) -> dict:
+def frozen_blocks(model, top: int | None) -> int:
+    """How many bottom blocks stay frozen when only the ``top`` blocks are trained (0 when ``top`` is None)."""
+    if top is None:
+        return 0
+    if top < 1:
+        raise ValueError(f"the number of trained top blocks must be at least 1, got {top}")
+    return max(0, len(model.backbone.blocks) - top)              # top >= the depth: every block
+
+
+# Frozen-prefix states already computed in this process, shared by the stages: the bottom blocks that the
+# attacker did not train are the pretrained student's, and the defender's LoRA stays above them too.
+PREFIX_MEMO: dict = {}
+
+
+def encode_for(model, tokenizer, split: data.Split, max_length: int, frozen: int, device, memo_key=None) -> train.Encoded:
+    """Token ids of ``split``, plus the frozen-prefix cache when the bottom ``frozen`` blocks are frozen
+    (``memo_key`` names whose bottom blocks they are: states are shared between models with the same key)."""
+    enc = train.encode(tokenizer, split.sentences, split.labels, max_length)
+    memo = PREFIX_MEMO if memo_key is not None else None
+    return train.cache_prefix(model, enc, frozen, device, memo=memo, memo_key=memo_key)
+
+
+def evaluate(model, tokenizer, task: Task, target: int, max_length: int, device, bf16: bool, frozen: int = 0,
+             memo_key=None) -> dict:
     """CA on the clean test set and ASR on the triggered non-target test set; read once per model."""
-    clean = train.encode(tokenizer, task.test.sentences, task.test.labels, max_length)
-    trig = train.encode(tokenizer, task.asr_test.sentences, task.asr_test.labels, max_length)
+    clean = encode_for(model, tokenizer, task.test, max_length, frozen, device, memo_key)
+    trig = encode_for(model, tokenizer, task.asr_test, max_length, frozen, device, memo_key)
     p_clean = train.predict(model, clean, device=device, bf16=bf16)
     p_trig = train.predict(model, trig, device=device, bf16=bf16)
     return {"ca": train.accuracy(p_clean, clean.labels),
@@ -280,13 +305,19 @@ def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, tokenizer = student_classifier(cfg.student, task.dataset.num_classes, cfg.seed)
-    if cfg.freeze_embeddings:
+    frozen = frozen_blocks(model, cfg.train_layers)
+    if cfg.freeze_embeddings or frozen:
         model.backbone.tok_emb.weight.requires_grad_(False)
+    for block in model.backbone.blocks[:frozen]:          # train_layers = k: only the top k blocks learn
+        block.requires_grad_(False)
     model.to(device)
-    train_data = train.encode(tokenizer, task.poisoned_train.sentences, task.poisoned_train.labels, cfg.max_length)
-    dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
-    fit = train.fit(model, train_data, dev_data, fit_config(cfg), device=device, desc="attack: full fine-tune")
-    metrics = evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, eval_bf16)
+    # The frozen bottom blocks are the pretrained student's: their states can be shared with later stages.
+    memo_key = ("pretrained", cfg.student)
+    train_data = encode_for(model, tokenizer, task.poisoned_train, cfg.max_length, frozen, device, memo_key)
+    dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key)
+    desc = "attack: full fine-tune" if not frozen else f"attack: fine-tune the top {cfg.train_layers} blocks"
+    fit = train.fit(model, train_data, dev_data, fit_config(cfg), device=device, desc=desc)
+    metrics = evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, eval_bf16, frozen, memo_key)
     save_model(model, folder / "student.safetensors")
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    n_train=len(train_data), n_poisoned=task.n_poisoned, dev_history=fit.dev_history,
@@ -375,7 +406,7 @@ def unlearning_loss(alpha, beta, gamma, T, z_t_all=None, h_t_all=None):
     """The ``loss_fn`` of ``train.fit`` for unlearning. With the cached teacher outputs (looked up by row):
     ``alpha*CE + beta*KD + gamma*FA``; without them (the control): ``alpha*CE`` alone."""
     def loss_fn(model, batch):
-        z_s, h_s = model(batch.input_ids, batch.attention_mask, return_features=True)
+        z_s, h_s = model(**batch.inputs(), return_features=True)
         if z_t_all is None:
             ce = losses.cross_entropy(z_s, batch.labels)
             return alpha * ce, {"ce": ce.item()}
@@ -398,12 +429,18 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     start = time.perf_counter()
     model, tokenizer = load_poisoned(acfg, attack_folder, task.dataset.num_classes)
     # LoRA on the attention query and value projections; the classification head stays fully trainable.
+    # With lora_layers = k, only the top k blocks get LoRA: the blocks below stay frozen and are cached.
+    frozen = frozen_blocks(model, cfg.lora_layers)
     lora.inject_lora(model, targets=tuple(cfg.targets), r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     generator=torch.Generator().manual_seed(cfg.seed), trainable=("head",))
+                     generator=torch.Generator().manual_seed(cfg.seed), trainable=("head",),
+                     within=[f"backbone.blocks.{i}." for i in range(frozen, len(model.backbone.blocks))])
     model.to(device)
     clean = subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
-    train_data = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
-    dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
+    # Below the attacker's trained blocks the poisoned student is the pretrained one: share those states.
+    attack_frozen = frozen_blocks(model, acfg.train_layers)
+    memo_key = ("pretrained", acfg.student) if frozen <= attack_frozen else ("poisoned", str(attack_folder))
+    train_data = encode_for(model, tokenizer, clean, cfg.max_length, frozen, device, memo_key)
+    dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key)
     if defense == "lora":
         loss_fn = unlearning_loss(a, 0.0, 0.0, cfg.T)
     else:
@@ -412,7 +449,7 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
         loss_fn = unlearning_loss(a, b, g, cfg.T, z_t, h_t)
     fit = train.fit(model, train_data, dev_data, fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                     device=device, desc=f"unlearn: {defense}")
-    metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16)
+    metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16, frozen, memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T},
                    trainable=lora.count_trainable(model), seconds=time.perf_counter() - start)
