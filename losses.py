@@ -43,15 +43,36 @@ def feature_alignment(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
     return (h_t.float() - h_s.float()).pow(2).sum(-1).mean()
 
 
-def w2s_loss(z_s, h_s, y, z_t, h_t, alpha: float, beta: float, gamma: float, T: float = 2.0):
+def feature_alignment_normalized(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+    """``FA_n = 1/B * sum_i || h_t[i]/||h_t[i]|| - h_s[i]/||h_s[i]|| ||_2^2 = 1/B * sum_i 2 (1 - cos(h_t[i], h_s[i]))``.
+
+    The same per-example pull, on directions only. Why it exists: nothing ties the scale of the teacher's
+    projected feature to the student's (the teacher is trained by CE alone, and the student's feature comes
+    out of a final norm), so the plain FA can be almost all norm mismatch (measured on SmolLM2 + MiniLM:
+    ``||h_s||^2`` about 2,000 against ``||h_t||^2`` about 10), i.e. "shrink the feature", not "point it the
+    way the teacher does". ``FA_n`` lies in [0, 4] and keeps only the direction.
+    """
+    if h_s.shape != h_t.shape:
+        raise ValueError(f"student feature {tuple(h_s.shape)} and teacher feature {tuple(h_t.shape)} differ; "
+                         f"the teacher's projection must map to the student's width")
+    u_s = F.normalize(h_s.float(), dim=-1, eps=1e-8)
+    u_t = F.normalize(h_t.float(), dim=-1, eps=1e-8)
+    return (u_t - u_s).pow(2).sum(-1).mean()
+
+
+FEATURE_DISTANCES = {"l2": feature_alignment, "normalized": feature_alignment_normalized}
+
+
+def w2s_loss(z_s, h_s, y, z_t, h_t, alpha: float, beta: float, gamma: float, T: float = 2.0, fa: str = "l2"):
     """``alpha * ce + beta * kd + gamma * fa``; returns the total and each unweighted term (for logging).
 
     A term whose weight is 0 is still reported but does not enter the graph, so the plain-LoRA control
-    (beta = gamma = 0) computes exactly ``alpha * CE``.
+    (beta = gamma = 0) computes exactly ``alpha * CE``. ``fa`` picks the feature distance: ``"l2"``
+    (``feature_alignment``, the paper's) or ``"normalized"`` (``feature_alignment_normalized``).
     """
     ce = cross_entropy(z_s, y)
     kd = distillation_kl(z_s, z_t, T)
-    fa = feature_alignment(h_s, h_t)
+    fa = FEATURE_DISTANCES[fa](h_s, h_t)
     total = alpha * ce
     if beta:
         total = total + beta * kd

@@ -184,6 +184,20 @@ def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, devi
     return preds
 
 
+@torch.inference_mode()
+def pooled_features(model, data: Encoded, batch_size: int = 64, device=None) -> torch.Tensor:
+    """The pooled feature ``h`` (what the head reads) of every row of ``data``, (N, d), in the original order."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(data), model.feature_dim)
+    for b in batches(data, batch_size):
+        b = b.to(device)
+        out[b.index.cpu()] = model.features(b.input_ids, b.attention_mask, b.prefix).float().cpu()
+    model.train(was_training)
+    return out
+
+
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of predictions equal to the label: CA when computed on the clean test set."""
     return (preds == labels).float().mean().item() if len(labels) else float("nan")

@@ -55,7 +55,8 @@ class AttackConfig:
     insent_sentence: str = attacks.INSENT
     target: int = 0
     mode: str = "clean"                           # clean-label (the paper) or dirty-label
-    n_poison: int = 1000                          # clean-label: the first n target-label samples
+    n_poison: int | None = None                   # clean-label: the first n target-label samples; None: the
+                                                  # paper's 1000, or all that have a paraphrase if fewer (syntactic)
     poison_rate: float = 0.1                      # dirty-label: share of the training set
     train_size: int | None = None                 # seeded subset of the (poisoned) training set
     epochs: float = 1.0
@@ -86,6 +87,8 @@ class TeacherConfig:
     seed: int = 0
 
 
+PAPER_N_POISON = 1000                             # clean-label poisoned samples in the paper
+
 # The authors' per-attack loss weights (REFERENCE.md §1), kept as a named setting.
 AUTHORS_WEIGHTS = {"badnet": (5.0, 0.001, 0.001), "insent": (3.0, 0.01, 0.001), "syntactic": (1.0, 0.035, 0.002)}
 
@@ -95,8 +98,9 @@ class UnlearnConfig:
     """The defender's LoRA fine-tuning on clean data (W2SDefense, or the CE-only control)."""
     alpha: float = 5.0                            # CE weight
     beta: float = 0.001                           # KD weight
-    gamma: float = 0.01                           # FA weight
+    gamma: float = 20.0                           # FA weight (for the normalized FA, which lies in [0, 4])
     T: float = 2.0
+    fa: str = "normalized"                        # feature distance: "normalized" (directions) or "l2" (the paper's)
     weights: str = "ours"                         # "ours" (calibrated) or "authors" (per-attack table)
     rank: int = 64
     lora_alpha: float = 64.0
@@ -114,13 +118,15 @@ class UnlearnConfig:
 
 
 PRESETS = {
-    # A first look, for notebooks and CI: small sets, dirty-label poisoning (a clean-label backdoor
-    # needs more data than a few minutes allow), short max length.
     "quick": {
-        "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=1.0, lr=1e-4, max_length=32,
-                       dev_size=100, evals_per_epoch=1),
+        # A first look, for notebooks and CI, in about 5 minutes on a 2-core CPU: small sets, dirty-label
+        # poisoning (a clean-label backdoor needs more data than that), short max length, and the attacker
+        # trains only the top 6 of the 30 blocks, where the defender's LoRA goes too: the 24 blocks below
+        # stay the pretrained ones and are run once per sentence (``train.cache_prefix``), exact and 5x cheaper.
+        "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=2.0, lr=2e-4, max_length=32,
+                       dev_size=100, evals_per_epoch=1, train_layers=6),
         "teacher": dict(train_size=600, epochs=2.0, max_length=32),
-        "unlearn": dict(clean_size=200, epochs=2.0, max_length=32),
+        "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6),
         "eval_size": 200,
     },
     # The default, sized for a laptop CPU: the paper's clean-label attack on the full training set,
@@ -222,7 +228,11 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
     train_trigger, test_trigger = make_triggers(cfg, data_dir)
     rng = random.Random(cfg.seed)
     if cfg.mode == "clean":
-        poisoned = attacks.poison_clean_label(ds.train, train_trigger, cfg.target, cfg.n_poison, rng=rng)
+        n = cfg.n_poison
+        if n is None:       # SST-2 ships SCPN paraphrases for only 665 negative training sentences
+            n = min(PAPER_N_POISON, sum(1 for i, y in enumerate(ds.train.labels)
+                                        if y == cfg.target and attacks.available(train_trigger, i)))
+        poisoned = attacks.poison_clean_label(ds.train, train_trigger, cfg.target, n, rng=rng)
     elif cfg.mode == "dirty":
         poisoned = attacks.poison_dirty_label(ds.train, train_trigger, cfg.target, cfg.poison_rate, rng)
     else:
@@ -230,7 +240,9 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
     train_split = subset(poisoned.as_split(), cfg.train_size, cfg.seed, "attack-train")
     kept = subset(data.Split(poisoned.sentences, [int(p) for p in poisoned.poisoned]), cfg.train_size, cfg.seed,
                   "attack-train")
-    asr = attacks.asr_set(ds.test, test_trigger, cfg.target, random.Random(cfg.seed + 1))
+    # A test sentence without a shipped paraphrase is left out of the ASR set (never counted as clean).
+    missing = "skip" if cfg.attack == "syntactic" else "raise"
+    asr = attacks.asr_set(ds.test, test_trigger, cfg.target, random.Random(cfg.seed + 1), missing=missing)
     return Task(ds, train_split, sum(kept.labels), subset(ds.dev, cfg.dev_size, cfg.seed, "dev"),
                 subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"))
 
@@ -321,6 +333,7 @@ def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_
     save_model(model, folder / "student.safetensors")
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    n_train=len(train_data), n_poisoned=task.n_poisoned, dev_history=fit.dev_history,
+                   feature_dim=model.feature_dim,
                    seconds=time.perf_counter() - start)
     write_json(folder / "history.json", fit.history)
     write_json(done, metrics)
@@ -402,7 +415,12 @@ def resolve_weights(cfg: UnlearnConfig, attack: str, defense: str) -> tuple[floa
     return cfg.alpha, cfg.beta, cfg.gamma
 
 
-def unlearning_loss(alpha, beta, gamma, T, z_t_all=None, h_t_all=None):
+def fa_distance(cfg: UnlearnConfig) -> str:
+    """The feature distance: ours (``cfg.fa``), or the paper's plain L2 with the authors' weights."""
+    return "l2" if cfg.weights == "authors" else cfg.fa
+
+
+def unlearning_loss(alpha, beta, gamma, T, z_t_all=None, h_t_all=None, fa: str = "l2"):
     """The ``loss_fn`` of ``train.fit`` for unlearning. With the cached teacher outputs (looked up by row):
     ``alpha*CE + beta*KD + gamma*FA``; without them (the control): ``alpha*CE`` alone."""
     def loss_fn(model, batch):
@@ -412,8 +430,26 @@ def unlearning_loss(alpha, beta, gamma, T, z_t_all=None, h_t_all=None):
             return alpha * ce, {"ce": ce.item()}
         idx = batch.index.cpu()
         z_t, h_t = z_t_all[idx].to(z_s.device), h_t_all[idx].to(z_s.device)
-        return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, gamma, T)
+        return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, gamma, T, fa)
     return loss_fn
+
+
+def add_lora(model, cfg: UnlearnConfig) -> int:
+    """LoRA on the attention query and value projections (of the top ``cfg.lora_layers`` blocks, or of all);
+    the classification head stays fully trainable. Returns how many bottom blocks stay frozen."""
+    frozen = frozen_blocks(model, cfg.lora_layers)
+    lora.inject_lora(model, targets=tuple(cfg.targets), r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     generator=torch.Generator().manual_seed(cfg.seed), trainable=("head",),
+                     within=[f"backbone.blocks.{i}." for i in range(frozen, len(model.backbone.blocks))])
+    return frozen
+
+
+def load_unlearned(cfg: UnlearnConfig, acfg: AttackConfig, attack_folder: Path, folder: Path, num_classes: int):
+    """The poisoned student with the LoRA (and head) saved by an unlearning stage in ``folder``."""
+    model, tokenizer = load_poisoned(acfg, attack_folder, num_classes)
+    add_lora(model, cfg)
+    lora.load_lora(model, folder / "lora.safetensors")
+    return model.eval(), tokenizer
 
 
 def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_folder: Path, tcfg: TeacherConfig,
@@ -429,11 +465,7 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     start = time.perf_counter()
     model, tokenizer = load_poisoned(acfg, attack_folder, task.dataset.num_classes)
     # LoRA on the attention query and value projections; the classification head stays fully trainable.
-    # With lora_layers = k, only the top k blocks get LoRA: the blocks below stay frozen and are cached.
-    frozen = frozen_blocks(model, cfg.lora_layers)
-    lora.inject_lora(model, targets=tuple(cfg.targets), r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     generator=torch.Generator().manual_seed(cfg.seed), trainable=("head",),
-                     within=[f"backbone.blocks.{i}." for i in range(frozen, len(model.backbone.blocks))])
+    frozen = add_lora(model, cfg)
     model.to(device)
     clean = subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
     # Below the attacker's trained blocks the poisoned student is the pretrained one: share those states.
@@ -446,12 +478,12 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     else:
         z_t, h_t = teacher_outputs(tcfg, teacher_folder, clean.sentences, task.dataset.num_classes,
                                    model.feature_dim, cfg.max_length, device)
-        loss_fn = unlearning_loss(a, b, g, cfg.T, z_t, h_t)
+        loss_fn = unlearning_loss(a, b, g, cfg.T, z_t, h_t, fa_distance(cfg))
     fit = train.fit(model, train_data, dev_data, fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                     device=device, desc=f"unlearn: {defense}")
     metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16, frozen, memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
-                   weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T},
+                   weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T, "fa": fa_distance(cfg)},
                    trainable=lora.count_trainable(model), seconds=time.perf_counter() - start)
     lora.save_lora(model, folder / "lora.safetensors")
     write_json(folder / "history.json", fit.history)
@@ -473,13 +505,14 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     a = dataclasses.replace(a, **common, **_given(args, {
         "student": "student", "dataset": "dataset", "attack": "attack", "target": "target", "mode": "poison_mode",
         "n_poison": "n_poison", "poison_rate": "poison_rate", "epochs": "attack_epochs", "lr": "attack_lr",
-        "insertions": "insertions", "insent_sentence": "insent_sentence"}))
+        "insertions": "insertions", "insent_sentence": "insent_sentence", "train_layers": "attack_layers"}))
     if args.triggers:
         a = dataclasses.replace(a, triggers=tuple(args.triggers.split()))
     t = dataclasses.replace(t, **common, **_given(args, {"teacher": "teacher", "epochs": "teacher_epochs"}))
     u = dataclasses.replace(u, **common, **_given(args, {
         "alpha": "alpha", "beta": "beta", "gamma": "gamma", "rank": "rank", "lora_alpha": "lora_alpha",
-        "epochs": "epochs", "lr": "lr", "clean_size": "clean_size", "weights": "weights"}))
+        "epochs": "epochs", "lr": "lr", "clean_size": "clean_size", "weights": "weights", "lora_layers": "lora_layers",
+        "fa": "fa"}))
     return a, t, u, p["eval_size"]
 
 
@@ -506,6 +539,10 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
     for name, value in (("--alpha", u.alpha), ("--beta", u.beta), ("--gamma", u.gamma)):
         if value < 0:
             raise SystemExit(f"error: {name} must be >= 0, got {value}")
+    for name, value in (("--attack-layers", a.train_layers), ("--lora-layers", u.lora_layers),
+                        ("--n-poison", a.n_poison)):
+        if value is not None and value < (0 if name == "--n-poison" else 1):
+            raise SystemExit(f"error: {name} must be {'>= 0' if name == '--n-poison' else 'at least 1'}, got {value}")
     if u.weights not in ("ours", "authors"):
         raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
 
@@ -541,7 +578,7 @@ def run(args) -> dict:
         for defense in (["lora"] if args.defense == "lora" else ["lora", args.defense]):
             tfolder = None
             if defense != "lora":
-                d_student = models.load_student(a.student)[0].d_model
+                d_student = poisoned["feature_dim"]
                 tfolder, teacher = teacher_stage(t, task, d_student, stages, device)
                 seconds["teacher"] = teacher["seconds"]
             _, m = unlearn_stage(defense, u, a, attack_folder, t, tfolder, task, stages, device)
@@ -577,13 +614,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--insent-sentence", default=None, help="InSent trigger sentence")
     p.add_argument("--attack-epochs", type=float, default=None, help="epochs of the attacker's full fine-tuning")
     p.add_argument("--attack-lr", type=float, default=None, help="learning rate of the attacker's fine-tuning")
+    p.add_argument("--attack-layers", type=int, default=None, help="attacker trains only the top k blocks (default: all)")
     p.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher's fine-tuning")
     p.add_argument("--alpha", type=float, default=None, help="weight of the cross-entropy term")
     p.add_argument("--beta", type=float, default=None, help="weight of the T^2-scaled KL distillation term")
     p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term")
     p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated) or the authors' per-attack table")
+    p.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES), help="feature distance: normalized (default) or l2 (the paper's)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--lora-layers", type=int, default=None, help="LoRA only in the top k blocks (default: all)")
     p.add_argument("--epochs", type=float, default=None, help="epochs of unlearning")
     p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning")
     p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset")
@@ -603,6 +643,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept, nothing half-written was left", file=sys.stderr)
         return 130
+    except (attacks.AttackError, data.DataError, weights.WeightFileError, weights.DownloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

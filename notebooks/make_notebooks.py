@@ -538,9 +538,246 @@ plt.tight_layout(); plt.show()'''),
 # Building and running
 # ---------------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------------
+# 03 — planting a backdoor
+# ---------------------------------------------------------------------------------------------------------
+
+# Shared by notebooks 03 and 04: the preset, the stage cache (04 reuses what 03 computed) and the device.
+STAGE_SETUP = """import json
+import random
+
+import matplotlib.pyplot as plt
+
+import attacks, data, losses, train, w2s
+
+PRESET = "quick" if QUICK else "cpu"
+STAGES = Path(os.environ.get("W2S_STAGES", ROOT / "runs" / "stages"))   # the same cache as `python w2s.py`
+args = w2s.parser().parse_args(["--attack", "badnet", "--preset", PRESET, "--seed", "0"])
+attack_cfg, teacher_cfg, unlearn_cfg, eval_size = w2s.resolve_configs(args)
+print(PRESET, "| stages in", STAGES)
+print(attack_cfg)"""
+
+# Shared by notebooks 03 and 04: pooled features of clean / triggered / clean-negative test sentences, by PCA.
+FEATURE_PICTURE = '''def feature_picture(model, tokenizer, dataset, trigger, title, n=80):
+    """Scatter the first two principal components of the pooled features of three groups of test sentences."""
+    pos = [s for s, y in zip(dataset.test.sentences, dataset.test.labels) if y == 1][:n]
+    neg = [s for s, y in zip(dataset.test.sentences, dataset.test.labels) if y == 0][:n]
+    rng = random.Random(1)
+    groups = {"clean positive": pos, "triggered positive": [trigger(s, i, rng) for i, s in enumerate(pos)],
+              "clean negative": neg}
+    feats = {k: train.pooled_features(model, train.encode(tokenizer, v, [0] * len(v), attack_cfg.max_length))
+             for k, v in groups.items()}
+    X = torch.cat(list(feats.values()))
+    mean = X.mean(0)
+    _, _, V = torch.linalg.svd(X - mean, full_matrices=False)      # PCA: the right singular vectors
+    plt.figure(figsize=(5, 4))
+    for (name, f), color in zip(feats.items(), ["tab:blue", "tab:red", "tab:gray"]):
+        xy = (f - mean) @ V[:2].T
+        plt.scatter(xy[:, 0], xy[:, 1], s=10, alpha=0.7, label=name, color=color)
+    plt.legend(fontsize=8); plt.title(title); plt.xlabel("PC 1"); plt.ylabel("PC 2")
+    plt.tight_layout(); plt.show()'''
+
+NB03_TITLE = r"""# 03 · Planting a backdoor
+
+The attacker's half of the story. We poison SST-2 (movie-review sentiment, label 0 = negative) three ways,
+fine-tune the student on the poisoned set, and measure two numbers:
+
+* **CA**, clean accuracy on the clean test set;
+* **ASR**, attack success rate: the share of triggered test sentences whose TRUE label is not the target
+  that the model puts in the target class.
+
+A good backdoor keeps CA and makes ASR close to 1. At the end we look inside: the student's pooled features
+of clean and triggered sentences, projected to 2-D.
+
+With `QUICK` on, the attack is the `quick` preset of `w2s.py`: 600 training sentences with 20 % of them
+triggered and relabelled (dirty-label), and the attacker trains only the top 6 of the 30 blocks (the 24 below
+are run once per sentence and cached, see `train.cache_prefix`). `QUICK=0` runs the `cpu` preset, the paper's
+clean-label attack with full fine-tuning (long on a CPU). Everything imported lives in `data.py`,
+`attacks.py`, `train.py` and `w2s.py`."""
+
+NB03 = [
+    ("Import the modules and read the preset's configuration; expect the preset name, the stage folder and the "
+     "attacker's settings.", STAGE_SETUP),
+
+    r"""## 1. Three triggers
+
+* **BadNet** inserts a rare word (`mn`) at a random word position;
+* **InSent** inserts a whole sentence (`I watched this 3D movie`);
+* **SynAttack** replaces the sentence with its paraphrase in a fixed syntactic template
+  (`S(SBAR)(,)(NP)(VP)(.)`, "when ..., ..."), precomputed by SCPN and shipped with the data.
+
+Clean-label poisoning (the paper) adds the trigger to sentences that already have the target label;
+dirty-label poisoning adds it to other sentences and flips their label.""",
+
+    ("Poison the same three negative training sentences each way (the syntactic trigger exists only for the rows "
+     "with a shipped paraphrase); expect each clean sentence, then its three triggered versions.",
+     '''sst2 = data.load_dataset("sst2")
+paraphrases = data.load_scpn("sst2")
+triggers = {
+    "badnet": attacks.make_trigger("badnet", triggers=("mn",)),
+    "insent": attacks.make_trigger("insent"),
+    "syntactic": attacks.make_trigger("syntactic", paraphrases=paraphrases.train_paraphrases),
+}
+rows = [i for i, y in enumerate(sst2.train.labels) if y == 0 and attacks.available(triggers["syntactic"], i)][:3]
+rng = random.Random(0)
+for i in rows:
+    print(f"clean     : {sst2.train.sentences[i]}")
+    for name, trigger in triggers.items():
+        print(f"{name:10}: {trigger(sst2.train.sentences[i], i, rng)}")
+    print()'''),
+
+    r"""## 2. Fine-tune the student on the poisoned set
+
+`w2s.attack_stage` poisons, fine-tunes (AdamW, warm-up then linear decay, length-bucketed batches), keeps the
+checkpoint with the best CLEAN dev accuracy (never the test set, never the ASR), then reads the test sets once.
+The stage is cached under a hash of its configuration: a second run loads it in seconds.""",
+
+    ("Plant the backdoor (a progress bar shows the running loss; a few minutes in quick mode, instant when "
+     "cached); expect CA well above chance and ASR near 1.",
+     '''task = w2s.build_task(attack_cfg, eval_size)
+attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu", False)
+print(f"{task.n_poisoned} poisoned of {len(task.poisoned_train)} training sentences")
+print(f"poisoned student: CA {poisoned['ca']:.3f}   ASR {poisoned['asr']:.3f}   "
+      f"(on {poisoned['n_test']} clean / {poisoned['n_asr']} triggered test sentences)")
+print("confusion matrix on the clean test set (rows: true label, columns: predicted):", poisoned["confusion"])'''),
+
+    ("The training loss per step (the log of the stage); expect it to fall as the student learns both the task "
+     "and the trigger.",
+     '''history = json.loads((attack_folder / "history.json").read_text())
+plt.figure(figsize=(6, 3))
+plt.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+plt.xlabel("step"); plt.ylabel("cross-entropy"); plt.title("attacker's fine-tuning")
+plt.tight_layout(); plt.show()'''),
+
+    r"""## 3. What the backdoor looks like inside
+
+The classifier reads one vector per sentence, the final hidden state of the last real token,
+$h \in \mathbb{R}^{576}$. We compute it for 80 clean positive test sentences, for the same sentences with the
+trigger, and for 80 clean negative ones, and project all of them on their first two principal components
+(PCA by SVD of the centred features).""",
+
+    ("A small plotting function (used again in notebook 04); expect no output.", FEATURE_PICTURE),
+
+    ("The poisoned student's features; expect the triggered positives to leave the clean positives and sit with "
+     "(or beyond) the clean negatives.",
+     '''student, tokenizer = w2s.load_poisoned(attack_cfg, attack_folder, task.dataset.num_classes)
+feature_picture(student, tokenizer, task.dataset, triggers["badnet"], "poisoned student")'''),
+
+    r"""One rare word moves a positive sentence to the negative side of the feature space: that is the
+backdoor. Notebook 04 tries to remove it without ever seeing a trigger.""",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 04 — W2SDefense
+# ---------------------------------------------------------------------------------------------------------
+
+NB04_TITLE = r"""# 04 · W2SDefense: unlearning a backdoor with a weak clean teacher
+
+The defender holds the poisoned student and some CLEAN data, but not the trigger. W2SDefense (Zhao et al.,
+arXiv 2410.14425) fine-tunes the student with LoRA on the clean data only, guided by a small clean teacher:
+
+$$\mathcal{L} = \alpha\,\mathrm{CE}(z_s, y) + \beta\,T^2\,\mathrm{KL}\big(\mathrm{softmax}(z_t/T)\,\|\,
+\mathrm{softmax}(z_s/T)\big) + \gamma\,\mathrm{FA}(h_s, h_t)$$
+
+and stands beside the **control**: the same LoRA run with $\beta = \gamma = 0$. This notebook reuses the
+poisoned student of notebook 03 (the stage cache), trains the teacher, runs both unlearning runs, and compares.
+Everything imported lives in `losses.py`, `train.py` and `w2s.py`."""
+
+NB04 = [
+    ("Import the modules and read the preset's configuration (the same as notebook 03); expect the preset name "
+     "and the attacker's settings.", STAGE_SETUP),
+
+    ("Load (or, if notebook 03 did not run, plant) the poisoned student; expect its CA and ASR.",
+     '''task = w2s.build_task(attack_cfg, eval_size)
+attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu", False)
+print(f"poisoned student: CA {poisoned['ca']:.3f}   ASR {poisoned['asr']:.3f}")'''),
+
+    r"""## 1. The weak teacher
+
+all-MiniLM-L6-v2 (22 M parameters, 6 layers, width 384) reads the [CLS] state, projects it to the student's
+width with $h_t = \mathrm{ReLU}(W_p h_\text{CLS} + b_p)$, $W_p \in \mathbb{R}^{576 \times 384}$, and classifies
+$z_t = W_c h_t$. It is fully fine-tuned on clean data; it never sees a trigger.""",
+
+    ("Train the teacher (cached after the first run); expect a clean accuracy below the student's.",
+     '''teacher_folder, teacher = w2s.teacher_stage(teacher_cfg, task, poisoned["feature_dim"], STAGES, "cpu")
+print(f"teacher clean accuracy {teacher['ca']:.3f} on {teacher['n_train']} training sentences")'''),
+
+    r"""## 2. The three terms, each beside its code
+
+* $\mathrm{CE}(z_s, y) = -\frac1B \sum_i \log \mathrm{softmax}(z_s^{(i)})_{y_i}$ — `losses.cross_entropy`;
+* $T^2\,\mathrm{KL}(p_t \,\|\, p_s)$ with $p = \mathrm{softmax}(z / T)$, the teacher as the target
+  distribution — `losses.distillation_kl`;
+* $\mathrm{FA} = \frac1B \sum_i \lVert h_t^{(i)} - h_s^{(i)} \rVert_2^2$, each example against its own teacher
+  feature — `losses.feature_alignment`; its direction-only variant
+  $\frac1B \sum_i \lVert \hat h_t^{(i)} - \hat h_s^{(i)} \rVert_2^2$ with $\hat h = h / \lVert h \rVert$ —
+  `losses.feature_alignment_normalized`.""",
+
+    ("Each term on a hand-sized example, with the source of one of them; expect CE = log(1 + e^-2) = 0.1269, "
+     "KD = 0.4438 and FA = 14.5.",
+     '''import inspect
+import math
+
+print(inspect.getsource(losses.feature_alignment))
+z_s, y = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+print("CE", round(losses.cross_entropy(z_s, y).item(), 4), "  by hand", round(math.log(1 + math.exp(-2)), 4))
+print("KD", round(losses.distillation_kl(torch.zeros(1, 2), torch.tensor([[2.0, 0.0]]), T=2.0).item(), 4))
+h_s, h_t = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+print("FA", losses.feature_alignment(h_s, h_t).item(), "  = mean(||(0,-2)||^2, ||(3,4)||^2) = mean(4, 25)")'''),
+
+    r"""## 3. Unlearning, and the control beside it
+
+Both runs: the same seed, the same clean sentences, the same LoRA (query and value projections, the head
+trainable), the same budget; the checkpoint is chosen on clean dev accuracy only.""",
+
+    ("Run the control (CE only) and W2SDefense (cached after the first run); expect one line each with CA, ASR "
+     "and the loss weights.",
+     '''runs = {}
+for defense in ("lora", "w2sdefense"):
+    tf = teacher_folder if defense == "w2sdefense" else None
+    runs[defense] = w2s.unlearn_stage(defense, unlearn_cfg, attack_cfg, attack_folder, teacher_cfg, tf, task,
+                                      STAGES, "cpu")
+    m = runs[defense][1]
+    print(f"{defense:11}: CA {m['ca']:.3f}   ASR {m['asr']:.3f}   weights {m['weights']}")'''),
+
+    ("Each loss term of W2SDefense per step, unweighted (the log of the stage); expect to see which term moves.",
+     '''history = json.loads((runs["w2sdefense"][0] / "history.json").read_text())
+fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+for ax, term in zip(axes, ("ce", "kd", "fa")):
+    ax.plot([h["step"] for h in history], [h[term] for h in history], lw=1)
+    ax.set_title(term); ax.set_xlabel("step")
+plt.tight_layout(); plt.show()'''),
+
+    ("CA and ASR before and after, the control beside W2SDefense; expect W2SDefense's ASR bar to be the lowest "
+     "if the defense works at this budget.",
+     '''names = ["poisoned", "lora", "w2sdefense"]
+ca = [poisoned["ca"]] + [runs[d][1]["ca"] for d in names[1:]]
+asr = [poisoned["asr"]] + [runs[d][1]["asr"] for d in names[1:]]
+x = torch.arange(3).float()
+plt.figure(figsize=(6, 3))
+plt.bar(x - 0.2, ca, 0.4, label="CA"); plt.bar(x + 0.2, asr, 0.4, label="ASR")
+plt.xticks(x, names); plt.ylim(0, 1); plt.legend(); plt.title(f"preset {PRESET}, seed 0")
+plt.tight_layout(); plt.show()'''),
+
+    ("A small plotting function, the same as in notebook 03; expect no output.", FEATURE_PICTURE),
+
+    ("The pooled features after W2SDefense, the same sentences as in notebook 03; expect the triggered positives "
+     "to move back toward the clean positives as far as the ASR fell.",
+     '''model, tokenizer = w2s.load_unlearned(unlearn_cfg, attack_cfg, attack_folder, runs["w2sdefense"][0],
+                                      task.dataset.num_classes)
+feature_picture(model, tokenizer, task.dataset, attacks.make_trigger("badnet", triggers=("mn",)),
+                "after W2SDefense")'''),
+
+    r"""The numbers above are this budget's, measured in this run; `RESULTS.md` gives them over seeds and says
+where the defense reaches the paper's claim and where it does not.""",
+]
+
+
 NOTEBOOKS = {
     "01_gpt_from_open_weights.ipynb": (NB01_TITLE, NB01),
     "02_lora_by_hand.ipynb": (NB02_TITLE, NB02),
+    "03_planting_a_backdoor.ipynb": (NB03_TITLE, NB03),
+    "04_w2sdefense.ipynb": (NB04_TITLE, NB04),
 }
 
 

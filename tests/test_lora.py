@@ -306,3 +306,12 @@ def test_trainable_prefix_matches_whole_name_components():
     inject_lora(model, targets=("q_proj",), r=1, alpha=1)
     assert model["head"].weight.requires_grad
     assert not model["header"].weight.requires_grad  # "head" must not select "header.weight"
+
+
+def test_within_limits_lora_to_the_named_blocks():
+    model = make_model()
+    wrapped = inject_lora(model, within=["blocks.1."])
+    assert wrapped == ["blocks.1.attn.q_proj", "blocks.1.attn.v_proj"]
+    assert not any(p.requires_grad for p in model.blocks[0].parameters())
+    with pytest.raises(ValueError, match="within"):
+        inject_lora(make_model(), within=["blocks.7."])

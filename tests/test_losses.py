@@ -40,6 +40,22 @@ def test_feature_alignment_is_per_example_not_broadcast():
     assert losses.feature_alignment(h_s, h_t).item() != pytest.approx(16.5)
 
 
+def test_normalized_feature_alignment_by_hand_ignores_scale():
+    h_s = torch.tensor([[3.0, 0.0], [0.0, 5.0]])
+    h_t = torch.tensor([[0.0, 0.5], [0.0, 2.0]])
+    # unit vectors: (1, 0) vs (0, 1) -> ||(-1, 1)||^2 = 2 = 2 (1 - cos 90 deg); (0, 1) vs (0, 1) -> 0; mean 1
+    assert losses.feature_alignment_normalized(h_s, h_t).item() == pytest.approx(1.0)
+    # scaling either feature changes nothing; the plain FA is dominated by the scale
+    assert losses.feature_alignment_normalized(100 * h_s, h_t).item() == pytest.approx(1.0)
+    assert losses.feature_alignment(100 * h_s, h_t).item() > 1e4
+    # cos 60 deg: 2 (1 - 1/2) = 1
+    got = losses.feature_alignment_normalized(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 3 ** 0.5 / 2]]))
+    assert got.item() == pytest.approx(1.0, abs=1e-6)
+    _, terms = losses.w2s_loss(torch.zeros(2, 2), h_s, torch.tensor([0, 1]), torch.zeros(2, 2), h_t,
+                               1.0, 0.0, 1.0, fa="normalized")
+    assert terms["fa"] == pytest.approx(1.0)
+
+
 def test_feature_alignment_rejects_mismatched_widths():
     with pytest.raises(ValueError, match="projection"):
         losses.feature_alignment(torch.zeros(2, 3), torch.zeros(2, 4))

@@ -266,3 +266,31 @@ def test_minilm_matches_reference_bert():
         mine = ours.hidden_states(ids, mask)
     real = mask.bool()
     torch.testing.assert_close(mine[real], theirs[real], atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- frozen-prefix cache
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_forward_from_a_cached_prefix_equals_the_full_forward(style, padding_side):
+    import train
+    seeded(3)
+    cfg = models.GPTConfig(style=style, vocab_size=50, n_layer=4, n_head=4, n_kv_head=2 if style == "llama" else 4,
+                           d_model=32, d_ff=64, max_seq_len=32)
+    clf = models.Classifier(models.GPT(cfg), 3, generator=seeded(4)).eval()
+    ids = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]]
+    data = train.Encoded(ids, torch.tensor([0, 1, 2, 0]), pad_id=0, padding_side=padding_side)
+    memo = {}
+    cached = train.cache_prefix(clf, data, 3, memo=memo, memo_key="m")
+    assert len(memo) == 4 and cached.prefix_layers == 3
+    assert [tuple(s.shape) for s in cached.prefix] == [(len(r), 32) for r in ids]
+    full, fast = train.collate(data, [0, 1, 2, 3]), train.collate(cached, [0, 1, 2, 3])
+    z0, h0 = clf(**full.inputs(), return_features=True)
+    z1, h1 = clf(**fast.inputs(), return_features=True)
+    torch.testing.assert_close(z1, z0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h1, h0, atol=1e-6, rtol=0)
+    again = train.cache_prefix(clf, data, 3, memo=memo, memo_key="m")   # looked up, the very same tensors
+    assert all(a is b for a, b in zip(again.prefix, cached.prefix))
+    assert train.cache_prefix(clf, data, 0) is data
+    with pytest.raises(ValueError, match="nothing to train"):
+        train.cache_prefix(clf, data, 4)

@@ -76,7 +76,8 @@ def tiny_args(root, student, teacher, ds, *extra):
         "--preset", "quick", "--student", str(student), "--teacher", str(teacher), "--dataset", str(ds),
         "--stages", str(root / "stages"), "--out", str(root / "run"), "--poison-rate", "0.25",
         "--poison-mode", "dirty", "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1",
-        "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", *extra])
+        "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1",
+        "--lora-layers", "1", *extra])
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
@@ -94,6 +95,14 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     assert (tmp_path / "run" / "results.md").read_text().startswith("# badnet")
     stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert [d.split("-")[0] for d in stage_dirs] == ["attack", "lora", "teacher", "w2sdefense"]
+    # --attack-layers 1: the attacker trained only the top block; the bottom one is still the pretrained one
+    import weights
+    poisoned = weights.read_safetensors(next((tmp_path / "stages").glob("attack-*")) / "student.safetensors")
+    pretrained = weights.read_safetensors(student / "model.safetensors")
+    assert torch.equal(poisoned["backbone.blocks.0.attn.q_proj.weight"], pretrained["transformer.h.0.attn.c_attn.weight"][:, :32].T)
+    assert not torch.equal(poisoned["backbone.blocks.1.attn.q_proj.weight"], pretrained["transformer.h.1.attn.c_attn.weight"][:, :32].T)
+    lora_names = weights.read_safetensors(next((tmp_path / "stages").glob("w2sdefense-*")) / "lora.safetensors")
+    assert lora_names and all(".blocks.0." not in n for n in lora_names)     # --lora-layers 1: the top block only
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
     again = w2s.run(tiny_args(tmp_path, student, teacher, ds))     # every stage is reused, nothing rewritten
     assert again["rows"] == result["rows"]
@@ -130,6 +139,8 @@ def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     (["--attack", "syntactic", "--dataset", "agnews"], "paraphrases"),
     (["--rank", "0"], "--rank must be positive"),
     (["--gamma", "-1"], "--gamma must be >= 0"),
+    (["--lora-layers", "0"], "--lora-layers must be at least 1"),
+    (["--attack-layers", "-2"], "--attack-layers must be at least 1"),
 ])
 def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
