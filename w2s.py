@@ -98,9 +98,9 @@ class UnlearnConfig:
     """The defender's LoRA fine-tuning on clean data (W2SDefense, or the CE-only control)."""
     alpha: float = 5.0                            # CE weight
     beta: float = 0.001                           # KD weight
-    gamma: float = 20.0                           # FA weight (for the normalized FA, which lies in [0, 4])
+    gamma: float = 0.01                           # FA weight (chosen on dev with the held-out trigger cf: RESULTS.md)
     T: float = 2.0
-    fa: str = "normalized"                        # feature distance: "normalized" (directions) or "l2" (the paper's)
+    fa: str = "l2"                                # feature distance: "l2" (the paper's) or "normalized" (directions)
     weights: str = "ours"                         # "ours" (calibrated) or "authors" (per-attack table)
     rank: int = 64
     lora_alpha: float = 64.0
@@ -129,9 +129,17 @@ PRESETS = {
         "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6),
         "eval_size": 200,
     },
-    # The default, sized for a laptop CPU: the paper's clean-label attack on the full training set,
-    # one epoch; the defender's clean data is a 2,000-sentence seeded subset.
-    "cpu": {"attack": {}, "teacher": {}, "unlearn": {}, "eval_size": None},
+    # The default, sized for a laptop CPU: the paper's clean-label attack (the first 1,000 negatives get the
+    # trigger) on the full training set, one epoch. Full fine-tuning of all 30 blocks would take about 40 min
+    # here (float32, ~70 tokens/s), so the attacker fine-tunes the top 12 blocks over the cached bottom 18,
+    # and the defender's LoRA sits in the same 12 blocks; the teacher and the defender's clean data are
+    # seeded subsets (8,000 and 2,000 sentences). Not yet measured end to end: see RESULTS.md.
+    "cpu": {
+        "attack": dict(lr=1e-4, train_layers=12),
+        "teacher": dict(train_size=8000, epochs=2.0),
+        "unlearn": dict(lr=1e-3, lora_layers=12),
+        "eval_size": None,
+    },
     # The authors' settings, for a GPU (REFERENCE.md §1).
     "paper": {
         "attack": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32),
@@ -456,7 +464,10 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
                   teacher_folder: Path | None, task: Task, stages: Path, device: str) -> tuple[Path, dict]:
     """LoRA fine-tuning of the poisoned student on clean data; cached in ``stages/<defense>-<key>``."""
     a, b, g = resolve_weights(cfg, acfg.attack, defense)
-    key = config_key(cfg, acfg, tcfg if defense != "lora" else None, {"defense": defense, "eval": len(task.test)})
+    # The control does not read the W2S weights or the teacher: leave them out of its key, so changing them
+    # reuses the control.
+    key_cfg = dataclasses.replace(cfg, beta=0.0, gamma=0.0, fa="", weights="") if defense == "lora" else cfg
+    key = config_key(key_cfg, acfg, tcfg if defense != "lora" else None, {"defense": defense, "eval": len(task.test)})
     folder = stages / f"{defense}-{key}"
     done = folder / "metrics.json"
     if done.exists():
@@ -509,6 +520,9 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     if args.triggers:
         a = dataclasses.replace(a, triggers=tuple(args.triggers.split()))
     t = dataclasses.replace(t, **common, **_given(args, {"teacher": "teacher", "epochs": "teacher_epochs"}))
+    # bf16 autocast pays off only with bf16 hardware (a GPU); on a CPU without it, it is several times slower.
+    on_gpu = pick_device(args.device) == "cuda"
+    a, t, u = (c if c.bf16 is not None else dataclasses.replace(c, bf16=on_gpu) for c in (a, t, u))
     u = dataclasses.replace(u, **common, **_given(args, {
         "alpha": "alpha", "beta": "beta", "gamma": "gamma", "rank": "rank", "lora_alpha": "lora_alpha",
         "epochs": "epochs", "lr": "lr", "clean_size": "clean_size", "weights": "weights", "lora_layers": "lora_layers",
@@ -558,8 +572,6 @@ def run(args) -> dict:
     a, t, u, eval_size = resolve_configs(args)
     check_configs(a, t, u, args.defense, args.data_dir)
     device = pick_device(args.device)
-    # bf16 autocast pays off only with bf16 hardware (a GPU); on a CPU without it, it is several times slower.
-    a, t, u = (c if c.bf16 is not None else dataclasses.replace(c, bf16=device == "cuda") for c in (a, t, u))
     stages = Path(args.stages)
     out = Path(args.out or f"runs/{a.attack}-{Path(a.dataset).name}-{args.preset}-seed{a.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -620,7 +632,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="weight of the T^2-scaled KL distillation term")
     p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term")
     p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated) or the authors' per-attack table")
-    p.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES), help="feature distance: normalized (default) or l2 (the paper's)")
+    p.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES), help="feature distance: l2 (the paper's, default) or normalized (directions only)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
     p.add_argument("--lora-layers", type=int, default=None, help="LoRA only in the top k blocks (default: all)")

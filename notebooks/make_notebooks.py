@@ -592,8 +592,10 @@ of clean and triggered sentences, projected to 2-D.
 With `QUICK` on, the attack is the `quick` preset of `w2s.py`: 600 training sentences with 20 % of them
 triggered and relabelled (dirty-label), and the attacker trains only the top 6 of the 30 blocks (the 24 below
 are run once per sentence and cached, see `train.cache_prefix`). `QUICK=0` runs the `cpu` preset, the paper's
-clean-label attack with full fine-tuning (long on a CPU). Everything imported lives in `data.py`,
-`attacks.py`, `train.py` and `w2s.py`."""
+clean-label attack (long on a CPU). Everything imported lives in `data.py`, `attacks.py`, `train.py` and
+`w2s.py`. The stages are cached in `runs/stages` (or `$W2S_STAGES`): the saved outputs below reused the stages
+that `python w2s.py --attack badnet --preset quick --seed 0` had computed, so they show no progress bars; a
+first run trains them (about 3 minutes on 2 cores) and prints the same numbers."""
 
 NB03 = [
     ("Import the modules and read the preset's configuration; expect the preset name, the stage folder and the "
@@ -658,13 +660,15 @@ trigger, and for 80 clean negative ones, and project all of them on their first 
 
     ("A small plotting function (used again in notebook 04); expect no output.", FEATURE_PICTURE),
 
-    ("The poisoned student's features; expect the triggered positives to leave the clean positives and sit with "
-     "(or beyond) the clean negatives.",
+    ("The poisoned student's features; expect the triggered positives to leave the clean positives and gather in "
+     "a region of their own.",
      '''student, tokenizer = w2s.load_poisoned(attack_cfg, attack_folder, task.dataset.num_classes)
 feature_picture(student, tokenizer, task.dataset, triggers["badnet"], "poisoned student")'''),
 
-    r"""One rare word moves a positive sentence to the negative side of the feature space: that is the
-backdoor. Notebook 04 tries to remove it without ever seeing a trigger.""",
+    r"""One rare word moves a positive sentence into a region of the feature space of its own, which the head
+has learnt to read as the target label: that is the backdoor. (The clean classes overlap more in these two
+components: at this small budget the student's clean accuracy is only about 0.7.) Notebook 04 tries to remove
+the backdoor without ever seeing a trigger.""",
 ]
 
 
@@ -682,7 +686,9 @@ $$\mathcal{L} = \alpha\,\mathrm{CE}(z_s, y) + \beta\,T^2\,\mathrm{KL}\big(\mathr
 
 and stands beside the **control**: the same LoRA run with $\beta = \gamma = 0$. This notebook reuses the
 poisoned student of notebook 03 (the stage cache), trains the teacher, runs both unlearning runs, and compares.
-Everything imported lives in `losses.py`, `train.py` and `w2s.py`."""
+Everything imported lives in `losses.py`, `train.py` and `w2s.py`. As in notebook 03, the saved outputs reused
+the cached stages of `python w2s.py --attack badnet --preset quick --seed 0`; a first run trains the teacher
+and both unlearning runs (about 3 minutes on 2 cores) and prints the same numbers."""
 
 NB04 = [
     ("Import the modules and read the preset's configuration (the same as notebook 03); expect the preset name "

