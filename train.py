@@ -106,7 +106,7 @@ def collate(data: Encoded, index: list[int]) -> Batch:
 
 @torch.no_grad()
 def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: int = 64,
-                 memo: dict | None = None, memo_key=None) -> Encoded:
+                 memo: dict | None = None, memo_key=None, progress: bool = True) -> Encoded:
     """``data`` with each row's residual stream after the first ``layers`` blocks of ``model`` (a decoder
     ``Classifier``), computed once. Valid only while those blocks stay frozen; then every later forward
     (``model(**batch.inputs())``) starts at block ``layers`` and gives the same result, ``layers`` blocks
@@ -126,7 +126,9 @@ def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: in
     was_training = model.training
     model.eval()
     sub = dataclasses.replace(data, ids=[data.ids[i] for i in todo], labels=data.labels[todo] if todo else data.labels[:0])
-    for b in batches(sub, batch_size):
+    n_batches = math.ceil(len(sub) / batch_size)
+    for b in tqdm(batches(sub, batch_size), total=n_batches, desc=f"frozen prefix ({layers} blocks)", leave=False,
+                  disable=not progress or n_batches < 10, dynamic_ncols=True):
         x = model.backbone.hidden_states(b.input_ids.to(device), b.attention_mask.to(device), layer=layers - 1)
         x = x.float().cpu()
         for r, j in enumerate(b.index.tolist()):

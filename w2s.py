@@ -133,10 +133,10 @@ PRESETS = {
     # trigger) on the full training set, one epoch. Full fine-tuning of all 30 blocks would take about 40 min
     # here (float32, ~70 tokens/s), so the attacker fine-tunes the top 12 blocks over the cached bottom 18,
     # and the defender's LoRA sits in the same 12 blocks; the teacher and the defender's clean data are
-    # seeded subsets (8,000 and 2,000 sentences). Not yet measured end to end: see RESULTS.md.
+    # seeded subsets (4,000 and 2,000 of the 6,920 training sentences). Not yet measured end to end: see RESULTS.md.
     "cpu": {
         "attack": dict(lr=1e-4, train_layers=12),
-        "teacher": dict(train_size=8000, epochs=2.0),
+        "teacher": dict(train_size=4000, epochs=2.0),
         "unlearn": dict(lr=1e-3, lora_layers=12),
         "eval_size": None,
     },
@@ -452,6 +452,14 @@ def add_lora(model, cfg: UnlearnConfig) -> int:
     return frozen
 
 
+def prefix_owner(model, frozen: int, acfg: AttackConfig, attack_folder: Path) -> tuple:
+    """Whose bottom ``frozen`` blocks these are, to share cached prefix states: below the blocks the attacker
+    trained, the poisoned student is still the pretrained one."""
+    if frozen <= frozen_blocks(model, acfg.train_layers):
+        return ("pretrained", acfg.student)
+    return ("poisoned", str(attack_folder))
+
+
 def load_unlearned(cfg: UnlearnConfig, acfg: AttackConfig, attack_folder: Path, folder: Path, num_classes: int):
     """The poisoned student with the LoRA (and head) saved by an unlearning stage in ``folder``."""
     model, tokenizer = load_poisoned(acfg, attack_folder, num_classes)
@@ -479,9 +487,7 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     frozen = add_lora(model, cfg)
     model.to(device)
     clean = subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
-    # Below the attacker's trained blocks the poisoned student is the pretrained one: share those states.
-    attack_frozen = frozen_blocks(model, acfg.train_layers)
-    memo_key = ("pretrained", acfg.student) if frozen <= attack_frozen else ("poisoned", str(attack_folder))
+    memo_key = prefix_owner(model, frozen, acfg, attack_folder)
     train_data = encode_for(model, tokenizer, clean, cfg.max_length, frozen, device, memo_key)
     dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key)
     if defense == "lora":

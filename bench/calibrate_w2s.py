@@ -46,7 +46,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         frozen = w2s.add_lora(model, cfg)
-        memo_key = ("pretrained", a.student)       # the bottom blocks are the pretrained ones (attack_layers >= lora_layers)
+        memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key)
         fit = None
         if defense != "none":
