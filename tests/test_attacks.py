@@ -206,10 +206,7 @@ def test_plain_function_is_a_trigger():
 
 # ---------------------------------------------------------------------------------------------- real data
 
-SHIPPED = data.data_dir() / "sst2" / "train.tsv"
-needs_data = pytest.mark.skipif(
-    not SHIPPED.is_file(),
-    reason=f"shipped data not found at {SHIPPED.parent.parent}: set W2S_DATA_DIR to a folder with the datasets")
+from conftest import needs_data  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,10 +12,7 @@ import pytest
 import data
 from data import DataError, Split
 
-SHIPPED = data.data_dir() / "sst2" / "train.tsv"
-needs_data = pytest.mark.skipif(
-    not SHIPPED.is_file(),
-    reason=f"shipped data not found at {SHIPPED.parent.parent}: set W2S_DATA_DIR to a folder with the datasets")
+from conftest import needs_data  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,6 +6,7 @@ greedy tokens must be equal (minGPT's three-step test). The real open weights ar
 packages that ship them are installed.
 """
 
+import math
 import importlib.util
 
 import numpy as np
@@ -294,3 +295,26 @@ def test_forward_from_a_cached_prefix_equals_the_full_forward(style, padding_sid
     assert train.cache_prefix(clf, data, 0) is data
     with pytest.raises(ValueError, match="nothing to train"):
         train.cache_prefix(clf, data, 4)
+
+
+# ---------------------------------------------------------------- the norm and rotary equations by hand
+
+def test_rmsnorm_by_hand():
+    norm = models.RMSNorm(2, eps=0.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0]))
+    # x = (3, 4): mean(x^2) = 12.5, rms = 3.5355...; y = (3, 4) / rms * (1, 2) = (0.848528, 2.262742)
+    y = norm(torch.tensor([[3.0, 4.0]]))
+    torch.testing.assert_close(y, torch.tensor([[3 / 12.5 ** 0.5, 8 / 12.5 ** 0.5]]), atol=1e-6, rtol=0)
+
+
+def test_rope_rotates_each_pair_by_position_times_frequency():
+    # head_dim 4, base 100: frequencies 100^0 = 1 and 100^(-2/4) = 0.1; pairs are (x0, x2) and (x1, x3)
+    cos, sin = models.rope_cos_sin(torch.tensor([[0, 2]]), head_dim=4, base=100.0)
+    x = torch.tensor([1.0, 0.0, 0.0, 1.0]).expand(1, 1, 2, 4)
+    y = models.apply_rope(x, cos, sin)
+    torch.testing.assert_close(y[0, 0, 0], x[0, 0, 0])                       # position 0: unchanged
+    a, b = 2 * 1.0, 2 * 0.1                                                   # position 2: angles 2 and 0.2 rad
+    # (x0, x2) = (1, 0) -> (cos a, sin a); (x1, x3) = (0, 1) -> (-sin b, cos b)
+    expected = torch.tensor([math.cos(a), -math.sin(b), math.sin(a), math.cos(b)])
+    torch.testing.assert_close(y[0, 0, 1], expected, atol=1e-6, rtol=0)
