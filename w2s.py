@@ -184,6 +184,21 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def open_stage(folder: Path) -> tuple[Path, dict | None]:
+    """A stage's cache folder and, if the stage was finished before, its metrics (else None; folder created)."""
+    done = folder / "metrics.json"
+    if done.exists():
+        return folder, read_json(done)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, None
+
+
+def close_stage(folder: Path, fit: train.FitResult, metrics: dict) -> None:
+    """Write the per-step log, then the metrics LAST: a folder with metrics.json is a finished stage."""
+    write_json(folder / "history.json", fit.history)
+    write_json(folder / "metrics.json", metrics)
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
@@ -318,11 +333,9 @@ def fit_config(cfg, **over) -> train.FitConfig:
 
 def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_bf16: bool) -> tuple[Path, dict]:
     """Poison and fully fine-tune the student; cached in ``stages/attack-<key>``."""
-    folder = stages / f"attack-{config_key(cfg, {'eval': len(task.test)})}"
-    done = folder / "metrics.json"
-    if done.exists():
-        return folder, read_json(done)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, done = open_stage(stages / f"attack-{config_key(cfg, {'eval': len(task.test)})}")
+    if done is not None:
+        return folder, done
     start = time.perf_counter()
     model, tokenizer = student_classifier(cfg.student, task.dataset.num_classes, cfg.seed)
     frozen = frozen_blocks(model, cfg.train_layers)
@@ -343,8 +356,7 @@ def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_
                    n_train=len(train_data), n_poisoned=task.n_poisoned, dev_history=fit.dev_history,
                    feature_dim=model.feature_dim,
                    seconds=time.perf_counter() - start)
-    write_json(folder / "history.json", fit.history)
-    write_json(done, metrics)
+    close_stage(folder, fit, metrics)
     return folder, metrics
 
 
@@ -367,11 +379,10 @@ def teacher_classifier(cfg: TeacherConfig, num_classes: int, d_student: int):
 
 def teacher_stage(cfg: TeacherConfig, task: Task, d_student: int, stages: Path, device: str) -> tuple[Path, dict]:
     """Fully fine-tune the teacher on the CLEAN training set; cached in ``stages/teacher-<key>``."""
-    folder = stages / f"teacher-{config_key(cfg, {'dataset': task.dataset.name, 'd_student': d_student, 'eval': len(task.test)})}"
-    done = folder / "metrics.json"
-    if done.exists():
-        return folder, read_json(done)
-    folder.mkdir(parents=True, exist_ok=True)
+    key = config_key(cfg, {'dataset': task.dataset.name, 'd_student': d_student, 'eval': len(task.test)})
+    folder, done = open_stage(stages / f"teacher-{key}")
+    if done is not None:
+        return folder, done
     start = time.perf_counter()
     model, tokenizer = teacher_classifier(cfg, task.dataset.num_classes, d_student)
     model.to(device)
@@ -384,8 +395,7 @@ def teacher_stage(cfg: TeacherConfig, task: Task, d_student: int, stages: Path, 
                "best_dev_acc": fit.best_dev_acc, "n_train": len(train_data),
                "seconds": time.perf_counter() - start}
     save_model(model, folder / "teacher.safetensors")
-    write_json(folder / "history.json", fit.history)
-    write_json(done, metrics)
+    close_stage(folder, fit, metrics)
     return folder, metrics
 
 
@@ -476,11 +486,9 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     # reuses the control.
     key_cfg = dataclasses.replace(cfg, beta=0.0, gamma=0.0, fa="", weights="") if defense == "lora" else cfg
     key = config_key(key_cfg, acfg, tcfg if defense != "lora" else None, {"defense": defense, "eval": len(task.test)})
-    folder = stages / f"{defense}-{key}"
-    done = folder / "metrics.json"
-    if done.exists():
-        return folder, read_json(done)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, done = open_stage(stages / f"{defense}-{key}")
+    if done is not None:
+        return folder, done
     start = time.perf_counter()
     model, tokenizer = load_poisoned(acfg, attack_folder, task.dataset.num_classes)
     # LoRA on the attention query and value projections; the classification head stays fully trainable.
@@ -503,8 +511,7 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
                    weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T, "fa": fa_distance(cfg)},
                    trainable=lora.count_trainable(model), seconds=time.perf_counter() - start)
     lora.save_lora(model, folder / "lora.safetensors")
-    write_json(folder / "history.json", fit.history)
-    write_json(done, metrics)
+    close_stage(folder, fit, metrics)
     return folder, metrics
 
 
