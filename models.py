@@ -394,20 +394,37 @@ class Classifier(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def load_state(module: nn.Module, tensors: dict, source: str):
-    """Copy ``tensors`` (our names) into ``module``: every parameter must be given, with its shape."""
+    """Install ``tensors`` (our names) as the parameters of ``module``: every parameter must be given, with
+    its shape.
+
+    The tensors BECOME the parameters (``load_state_dict(assign=True)``), no copy is made, so ``module`` may
+    be built on the meta device (see ``build``): the weights then exist once in memory, not twice.
+    """
     own = module.state_dict()
     missing = [k for k in own if k not in tensors and not _is_tied(module, k)]
     if missing:
         raise weights.WeightFileError(f"{source}: missing tensors for {missing[:5]}"
                                       f"{' ...' if len(missing) > 5 else ''}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name not in own:
-                raise weights.WeightFileError(f"{source}: unexpected tensor {name!r}")
-            if tuple(own[name].shape) != tuple(value.shape):
-                raise weights.WeightFileError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
-                                              f"the model expects {tuple(own[name].shape)}")
-            own[name].copy_(value.to(own[name].dtype))
+    state = {}
+    for name, value in tensors.items():
+        if name not in own:
+            raise weights.WeightFileError(f"{source}: unexpected tensor {name!r}")
+        if tuple(own[name].shape) != tuple(value.shape):
+            raise weights.WeightFileError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                          f"the model expects {tuple(own[name].shape)}")
+        state[name] = value.to(own[name].dtype).contiguous()
+    module.load_state_dict(state, strict=False, assign=True)
+    if getattr(getattr(module, "cfg", None), "tie_embeddings", False):
+        module.lm_head.weight = module.tok_emb.weight          # assign=True replaced the shared Parameter
+
+
+def build(cls, cfg, tensors: dict, source: str):
+    """``cls(cfg)`` with ``tensors`` as its weights. The module is first built on torch's meta device
+    (shapes only, no memory, no random init), so loading a checkpoint never holds two copies of it."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    load_state(model, tensors, source)
+    return model
 
 
 def _is_tied(module, key):
@@ -454,9 +471,7 @@ def gpt_from_gguf(path) -> tuple[GPT, dict]:
         ours[o + "mlp.gate_proj.weight"] = t[b + "ffn_gate.weight"]
         ours[o + "mlp.up_proj.weight"] = t[b + "ffn_up.weight"]
         ours[o + "mlp.down_proj.weight"] = t[b + "ffn_down.weight"]
-    model = GPT(cfg)
-    load_state(model, ours, str(path))
-    return model, md
+    return build(GPT, cfg, ours, str(path)), md
 
 
 def _strip_prefix(tensors: dict, prefixes) -> dict:
@@ -508,9 +523,7 @@ def gpt2_from_hf(config: dict, t: dict, source: str) -> GPT:
             o + "mlp.fc.weight": t[h + "mlp.c_fc.weight"].t(), o + "mlp.fc.bias": t[h + "mlp.c_fc.bias"],
             o + "mlp.proj.weight": t[h + "mlp.c_proj.weight"].t(), o + "mlp.proj.bias": t[h + "mlp.c_proj.bias"],
         })
-    model = GPT(cfg)
-    load_state(model, ours, source)
-    return model
+    return build(GPT, cfg, ours, source)
 
 
 def llama_from_hf(config: dict, t: dict, source: str) -> GPT:
@@ -534,9 +547,7 @@ def llama_from_hf(config: dict, t: dict, source: str) -> GPT:
             ours[o + f"attn.{p}.weight"] = t[h + f"self_attn.{p}.weight"]
         for p in ("gate_proj", "up_proj", "down_proj"):
             ours[o + f"mlp.{p}.weight"] = t[h + f"mlp.{p}.weight"]
-    model = GPT(cfg)
-    load_state(model, ours, source)
-    return model
+    return build(GPT, cfg, ours, source)
 
 
 def bert_from_hf(config: dict, t: dict, source: str) -> Bert:
@@ -560,9 +571,7 @@ def bert_from_hf(config: dict, t: dict, source: str) -> Bert:
         for ours_name, hf_name in pairs.items():
             for p in ("weight", "bias"):
                 ours[f"blocks.{i}.{ours_name}.{p}"] = t[f"encoder.layer.{i}.{hf_name}.{p}"]
-    model = Bert(cfg)
-    load_state(model, ours, source)
-    return model
+    return build(Bert, cfg, ours, source)
 
 
 def _missing_key_error(source, e: KeyError):

@@ -157,17 +157,22 @@ def _check_safetensors_entry(path: Path, name: str, entry: Any, data_len: int) -
     return dtype, shape, begin, end
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every tensor of a .safetensors file, each in its stored dtype and shape.
+def read_safetensors(path: str | os.PathLike, names=None) -> dict[str, torch.Tensor]:
+    """Read every tensor of a .safetensors file (or only those in ``names``), each in its stored dtype and shape.
 
     Each tensor gets its own freshly allocated buffer, so the tensors are writable and keep no file open.
     """
     path = Path(path)
     header, data_start, data_len = _read_safetensors_header(path)
+    if names is not None:
+        names = set(names)
+        absent = sorted(names - header.keys())
+        if absent:
+            raise _fail(path, f"no tensor named {absent[0]!r}", "is it a checkpoint of the expected kind?")
     tensors: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
         for name, entry in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or (names is not None and name not in names):
                 continue
             dtype, shape, begin, end = _check_safetensors_entry(path, name, entry, data_len)
             if begin == end:  # torch.frombuffer refuses an empty buffer

@@ -296,7 +296,7 @@ def child_main(args):
         gpt, _ = models.load_decoder(folder)
         model = models.Classifier(gpt, N_LABELS)
         with torch.no_grad():
-            model.head.weight.copy_(weights.read_safetensors(folder / "model.safetensors")["score.weight"])
+            model.head.weight.copy_(weights.read_safetensors(folder / "model.safetensors", ["score.weight"])["score.weight"])
     else:
         from transformers import LlamaForSequenceClassification
         model = LlamaForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa",

@@ -131,6 +131,23 @@ def test_llama_parity_from_safetensors(tmp_path):
     assert_greedy_equal(ours, ref, x[:1, :5])
 
 
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_loaded_model_owns_real_trainable_weights(tmp_path, make):
+    """Loading builds the model on the meta device and installs the file's tensors: none may stay on meta,
+    every parameter trains, the tied head is still the embedding, and one optimizer step moves the weights."""
+    make(tmp_path)
+    ours, _ = models.load_decoder(tmp_path)
+    params = dict(ours.named_parameters())
+    assert not any(p.is_meta for p in params.values())
+    assert all(p.requires_grad for p in params.values())
+    if ours.cfg.tie_embeddings:
+        assert ours.lm_head.weight is ours.tok_emb.weight
+    before = ours.tok_emb.weight.detach().clone()
+    ours(random_batch(ours.cfg.vocab_size)).sum().backward()
+    torch.optim.SGD(ours.parameters(), lr=0.1).step()
+    assert not torch.equal(before, ours.tok_emb.weight)
+
+
 def test_llama_parity_from_gguf_undoes_qk_permutation(tmp_path):
     ref = tiny_llama(tmp_path)
     write_tiny_llama_gguf(ref, tmp_path / "tiny.gguf")

@@ -55,6 +55,17 @@ def test_safetensors_round_trip(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
 
 
+def test_safetensors_reads_only_the_named_tensors(tmp_path):
+    tensors = random_tensors()
+    path = tmp_path / "model.safetensors"
+    weights.write_safetensors(path, tensors)
+    name = sorted(tensors)[0]
+    back = weights.read_safetensors(path, [name])
+    assert list(back) == [name] and torch.equal(back[name], tensors[name])
+    with pytest.raises(weights.WeightFileError, match="no tensor named 'nope'"):
+        weights.read_safetensors(path, ["nope"])
+
+
 def test_our_writer_is_readable_by_safetensors_library(tmp_path):
     tensors = random_tensors(1)
     path = tmp_path / "ours.safetensors"
