@@ -597,7 +597,9 @@ def run(args) -> dict:
     task = build_task(a, eval_size, args.data_dir)
     attack_folder, poisoned = attack_stage(a, task, stages, device, a.bf16)
     seconds["attack"] = poisoned["seconds"]
-    rows = [{"model": "poisoned", **{k: poisoned[k] for k in ("ca", "asr", "seconds")}}]
+    # --n-poison 0 fine-tunes the same way on clean data: its "ASR" is the natural false-trigger rate.
+    name = "clean" if task.n_poisoned == 0 else "poisoned"
+    rows = [{"model": name, **{k: poisoned[k] for k in ("ca", "asr", "seconds")}, "n_poisoned": task.n_poisoned}]
     teacher = None
     if args.defense != "none":
         for defense in (["lora"] if args.defense == "lora" else ["lora", args.defense]):

@@ -110,6 +110,16 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_unpoisoned_fine_tune_is_reported_as_clean(tmp_path):
+    """--n-poison 0: the same fine-tune on clean data; its 'ASR' is the natural false-trigger rate."""
+    student, teacher, ds = make_tiny_world(tmp_path)
+    result = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--poison-mode", "clean", "--n-poison", "0",
+                               "--defense", "none"))
+    [row] = result["rows"]
+    assert row["model"] == "clean" and row["n_poisoned"] == 0 and 0.0 <= row["asr"] <= 1.0
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     student, teacher, ds = make_tiny_world(tmp_path)
     tcfg = w2s.TeacherConfig(teacher=str(teacher), epochs=1, max_length=16)
