@@ -293,8 +293,8 @@ def child_main(args):
     rss_start = common.rss_mb()
     if args.stack == "ours":
         import weights
-        gpt, _ = models.load_decoder(folder)
-        model = models.Classifier(gpt, N_LABELS)
+        # No other name may keep the loaded backbone alive: prepare() deep-copies the model, as for HF.
+        model = models.Classifier(models.load_decoder(folder)[0], N_LABELS)
         with torch.no_grad():
             model.head.weight.copy_(weights.read_safetensors(folder / "model.safetensors", ["score.weight"])["score.weight"])
     else:
