@@ -193,13 +193,17 @@ class TiktokenTokenizer(Tokenizer):
     """A byte-level BPE tokenizer backed by a ``tiktoken.Encoding``.
 
     ``encoding`` does the work. ``bos_id`` is prepended when ``add_bos`` is set and
-    ``encode(..., add_special_tokens=True)`` (SmolLM2 and GPT-2 both leave it off). Ids at or above
+    ``encode(..., add_special_tokens=True)`` (SmolLM2 and GPT-2 both leave it off). ``add_prefix_space``
+    (off by default, as in both) encodes ``" " + text``, so that the first word becomes the same token(s) as
+    anywhere else in a sentence (byte-level BPE folds the space into the word: ``"mn"`` and ``" mn"`` differ),
+    as Llama's SentencePiece does with its dummy prefix. Ids at or above
     ``vocab_size`` are placeholders for bytes the vocabulary lacks and are dropped (see
     ``bpe_tokenizer_from_gguf``).
     """
 
     def __init__(self, name: str, encoding: tiktoken.Encoding, special_tokens: dict[str, int], vocab_size: int,
-                 pad_id: int, eos_id: int, bos_id: int | None = None, add_bos: bool = False):
+                 pad_id: int, eos_id: int, bos_id: int | None = None, add_bos: bool = False,
+                 add_prefix_space: bool = False):
         self.name = name
         self.encoding = encoding
         self.vocab_size = vocab_size
@@ -207,10 +211,13 @@ class TiktokenTokenizer(Tokenizer):
         self.eos_id = eos_id
         self.bos_id = bos_id
         self.add_bos = add_bos
+        self.add_prefix_space = add_prefix_space
         self.special_tokens = special_tokens          # name -> id, e.g. {"<|endoftext|>": 50256}
         self._has_placeholders = encoding.max_token_value >= vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.add_prefix_space and text and not text.startswith(" "):   # as Hugging Face's ByteLevel does
+            text = " " + text
         # encode_ordinary: special-token text is encoded as plain text (see the module docstring).
         ids = self.encoding.encode_ordinary(text)
         if self._has_placeholders:

@@ -106,11 +106,12 @@ def collate(data: Encoded, index: list[int]) -> Batch:
 
 @torch.no_grad()
 def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: int = 64,
-                 memo: dict | None = None, memo_key=None, progress: bool = True) -> Encoded:
+                 memo: dict | None = None, memo_key=None, progress: bool = True, bf16: bool = False) -> Encoded:
     """``data`` with each row's residual stream after the first ``layers`` blocks of ``model`` (a decoder
     ``Classifier``), computed once. Valid only while those blocks stay frozen; then every later forward
     (``model(**batch.inputs())``) starts at block ``layers`` and gives the same result, ``layers`` blocks
-    cheaper. ``layers = 0`` returns ``data`` unchanged. States are kept in float32 on the CPU.
+    cheaper. ``layers = 0`` returns ``data`` unchanged. States are kept in float32 on the CPU. ``bf16``: compute
+    them under bf16 autocast, as the forwards that will start from them (the residual stream itself stays float32).
 
     ``memo``: a dict shared between calls whose models have the same first ``layers`` blocks (name them by
     ``memo_key``); a sentence seen before is looked up, not recomputed.
@@ -121,7 +122,7 @@ def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: in
     if layers >= n_blocks:
         raise ValueError(f"a frozen prefix of {layers} blocks leaves nothing to train (the model has {n_blocks})")
     memo = {} if memo is None else memo
-    key = lambda i: (memo_key, layers, tuple(data.ids[i]))
+    key = lambda i: (memo_key, layers, bf16, tuple(data.ids[i]))
     todo = [i for i in range(len(data)) if key(i) not in memo]
     was_training = model.training
     model.eval()
@@ -129,7 +130,8 @@ def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: in
     n_batches = math.ceil(len(sub) / batch_size)
     for b in tqdm(batches(sub, batch_size), total=n_batches, desc=f"frozen prefix ({layers} blocks)", leave=False,
                   disable=not progress or n_batches < 10, dynamic_ncols=True):
-        x = model.backbone.hidden_states(b.input_ids.to(device), b.attention_mask.to(device), layer=layers - 1)
+        with autocast(device, bf16):
+            x = model.backbone.hidden_states(b.input_ids.to(device), b.attention_mask.to(device), layer=layers - 1)
         x = x.float().cpu()
         for r, j in enumerate(b.index.tolist()):
             n = len(sub.ids[j])
@@ -165,6 +167,24 @@ def batches(data: Encoded, batch_size: int, shuffle: bool = False, rng: random.R
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
+
+def native_bf16(device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 matrix products run natively on ``device``, so that bf16 autocast is FASTER than float32:
+    a CUDA GPU that supports bf16, or a CPU with AVX-512 BF16 or AMX (read from ``cpuinfo``; False where it
+    cannot be read, e.g. not on Linux). On a CPU without them bf16 is emulated and several times slower than
+    float32 (measured: bench/RESULTS_load.md)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return False
+    try:
+        with open(cpuinfo) as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
 
 def autocast(device, bf16: bool):
     """bf16 autocast on the model's device (weights stay float32: master weights and LoRA in fp32)."""

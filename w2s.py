@@ -66,9 +66,11 @@ class AttackConfig:
     warmup_ratio: float = 0.06
     evals_per_epoch: int = 2
     dev_size: int | None = None                   # seeded subset of the clean dev set for selection
-    bf16: bool | None = None                      # None: bf16 autocast on a GPU, float32 on a CPU
+    bf16: bool | None = None                      # None: bf16 autocast where the hardware has bf16 units
     freeze_embeddings: bool = True                # the token table is only looked up: freezing it saves time
     train_layers: int | None = None               # None: every block (full fine-tuning); k: only the top k blocks
+    start_token: bool = True                      # the student reads "<start> sentence" (see student_classifier)
+    prefix_space: bool = True                     # ... with a space before the first word (see student_classifier)
     seed: int = 0
 
 
@@ -129,15 +131,14 @@ PRESETS = {
         "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6),
         "eval_size": 200,
     },
-    # The default, sized for a laptop CPU: the paper's clean-label attack (the first 1,000 negatives get the
-    # trigger) on the full training set, one epoch. Full fine-tuning of all 30 blocks would take about 40 min
-    # here (float32, ~70 tokens/s), so the attacker fine-tunes the top 12 blocks over the cached bottom 18,
-    # and the defender's LoRA sits in the same 12 blocks; the teacher and the defender's clean data are
-    # seeded subsets (4,000 and 2,000 of the 6,920 training sentences). Not yet measured end to end: see RESULTS.md.
+    # The default, sized for a laptop CPU: the paper's attacker (clean-label, the first 1,000 negatives get the
+    # trigger, full fine-tuning of every block and the embeddings) for one epoch of the full training set; the
+    # teacher on the whole clean training set; the defender's LoRA in every block, on a seeded 2,000 clean
+    # sentences. Measured times and numbers: RESULTS.md.
     "cpu": {
-        "attack": dict(lr=1e-4, train_layers=12),
-        "teacher": dict(train_size=4000, epochs=2.0),
-        "unlearn": dict(lr=1e-3, lora_layers=12),
+        "attack": dict(lr=1e-4, freeze_embeddings=False),
+        "teacher": dict(),
+        "unlearn": dict(lr=2e-4),
         "eval_size": None,
     },
     # The authors' settings, for a GPU (REFERENCE.md §1).
@@ -270,9 +271,24 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
                 subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"))
 
 
-def student_classifier(cfg_student: str, num_classes: int, seed: int):
-    """The pretrained student with a fresh, seeded classification head."""
+def student_classifier(cfg_student: str, num_classes: int, seed: int, start_token: bool = True,
+                       prefix_space: bool = True):
+    """The pretrained student with a fresh, seeded classification head, and its tokenizer set to read a
+    sentence the way a Llama tokenizer (the paper's students) would:
+
+    * ``start_token``: ``<start> sentence``, with the model's BOS token (SmolLM2: ``<|im_start|>``; GPT-2,
+      which has none: ``<|endoftext|>``). A causal LM dumps much of its attention on whatever token comes
+      first (an "attention sink", Xiao et al. 2023, arXiv 2309.17453); better a start token than a word.
+    * ``prefix_space``: ``" " + sentence``, so the first word is the same token(s) as anywhere else. Without
+      it, a BadNet ``mn`` inserted as the FIRST word is another token (``"mn"``, not ``" m" "n"``), which the
+      clean-label attack barely learns: such test sentences fired the backdoor 6 % of the time, against
+      99.8-100 % for the trigger anywhere else (SmolLM2-135M, cpu preset, seed 0; RESULTS.md).
+    """
     backbone, tokenizer = models.load_student(cfg_student)
+    tokenizer.add_prefix_space = prefix_space
+    if start_token:
+        tokenizer.bos_id = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
+        tokenizer.add_bos = True
     clf = models.Classifier(backbone, num_classes, generator=torch.Generator().manual_seed(seed))
     return clf, tokenizer
 
@@ -305,19 +321,20 @@ def frozen_blocks(model, top: int | None) -> int:
 PREFIX_MEMO: dict = {}
 
 
-def encode_for(model, tokenizer, split: data.Split, max_length: int, frozen: int, device, memo_key=None) -> train.Encoded:
+def encode_for(model, tokenizer, split: data.Split, max_length: int, frozen: int, device, memo_key=None,
+               bf16: bool = False) -> train.Encoded:
     """Token ids of ``split``, plus the frozen-prefix cache when the bottom ``frozen`` blocks are frozen
     (``memo_key`` names whose bottom blocks they are: states are shared between models with the same key)."""
     enc = train.encode(tokenizer, split.sentences, split.labels, max_length)
     memo = PREFIX_MEMO if memo_key is not None else None
-    return train.cache_prefix(model, enc, frozen, device, memo=memo, memo_key=memo_key)
+    return train.cache_prefix(model, enc, frozen, device, memo=memo, memo_key=memo_key, bf16=bf16)
 
 
 def evaluate(model, tokenizer, task: Task, target: int, max_length: int, device, bf16: bool, frozen: int = 0,
              memo_key=None) -> dict:
     """CA on the clean test set and ASR on the triggered non-target test set; read once per model."""
-    clean = encode_for(model, tokenizer, task.test, max_length, frozen, device, memo_key)
-    trig = encode_for(model, tokenizer, task.asr_test, max_length, frozen, device, memo_key)
+    clean = encode_for(model, tokenizer, task.test, max_length, frozen, device, memo_key, bf16)
+    trig = encode_for(model, tokenizer, task.asr_test, max_length, frozen, device, memo_key, bf16)
     p_clean = train.predict(model, clean, device=device, bf16=bf16)
     p_trig = train.predict(model, trig, device=device, bf16=bf16)
     return {"ca": train.accuracy(p_clean, clean.labels),
@@ -331,13 +348,14 @@ def fit_config(cfg, **over) -> train.FitConfig:
     return train.FitConfig(**{k: v for k, v in asdict(cfg).items() if k in names}, **over)
 
 
-def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_bf16: bool) -> tuple[Path, dict]:
+def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str) -> tuple[Path, dict]:
     """Poison and fully fine-tune the student; cached in ``stages/attack-<key>``."""
     folder, done = open_stage(stages / f"attack-{config_key(cfg, {'eval': len(task.test)})}")
     if done is not None:
         return folder, done
     start = time.perf_counter()
-    model, tokenizer = student_classifier(cfg.student, task.dataset.num_classes, cfg.seed)
+    model, tokenizer = student_classifier(cfg.student, task.dataset.num_classes, cfg.seed, cfg.start_token,
+                                          cfg.prefix_space)
     frozen = frozen_blocks(model, cfg.train_layers)
     if cfg.freeze_embeddings or frozen:
         model.backbone.tok_emb.weight.requires_grad_(False)
@@ -346,11 +364,11 @@ def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_
     model.to(device)
     # The frozen bottom blocks are the pretrained student's: their states can be shared with later stages.
     memo_key = ("pretrained", cfg.student)
-    train_data = encode_for(model, tokenizer, task.poisoned_train, cfg.max_length, frozen, device, memo_key)
-    dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key)
+    train_data = encode_for(model, tokenizer, task.poisoned_train, cfg.max_length, frozen, device, memo_key, cfg.bf16)
+    dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key, cfg.bf16)
     desc = "attack: full fine-tune" if not frozen else f"attack: fine-tune the top {cfg.train_layers} blocks"
     fit = train.fit(model, train_data, dev_data, fit_config(cfg), device=device, desc=desc)
-    metrics = evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, eval_bf16, frozen, memo_key)
+    metrics = evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, cfg.bf16, frozen, memo_key)
     save_model(model, folder / "student.safetensors")
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    n_train=len(train_data), n_poisoned=task.n_poisoned, dev_history=fit.dev_history,
@@ -361,7 +379,7 @@ def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str, eval_
 
 
 def load_poisoned(cfg: AttackConfig, folder: Path, num_classes: int):
-    model, tokenizer = student_classifier(cfg.student, num_classes, cfg.seed)
+    model, tokenizer = student_classifier(cfg.student, num_classes, cfg.seed, cfg.start_token, cfg.prefix_space)
     load_model_state(model, folder / "student.safetensors")
     return model, tokenizer
 
@@ -496,8 +514,8 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     model.to(device)
     clean = subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
     memo_key = prefix_owner(model, frozen, acfg, attack_folder)
-    train_data = encode_for(model, tokenizer, clean, cfg.max_length, frozen, device, memo_key)
-    dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key)
+    train_data = encode_for(model, tokenizer, clean, cfg.max_length, frozen, device, memo_key, cfg.bf16)
+    dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key, cfg.bf16)
     if defense == "lora":
         loss_fn = unlearning_loss(a, 0.0, 0.0, cfg.T)
     else:
@@ -533,9 +551,12 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     if args.triggers:
         a = dataclasses.replace(a, triggers=tuple(args.triggers.split()))
     t = dataclasses.replace(t, **common, **_given(args, {"teacher": "teacher", "epochs": "teacher_epochs"}))
-    # bf16 autocast pays off only with bf16 hardware (a GPU); on a CPU without it, it is several times slower.
-    on_gpu = pick_device(args.device) == "cuda"
-    a, t, u = (c if c.bf16 is not None else dataclasses.replace(c, bf16=on_gpu) for c in (a, t, u))
+    # bf16 autocast pays off only with bf16 hardware (a GPU, or a CPU with AVX-512 BF16 / AMX); elsewhere it is
+    # emulated and several times slower than float32.
+    bf16 = {"auto": None, "bf16": True, "fp32": False}[args.precision]
+    if bf16 is None:
+        bf16 = train.native_bf16(pick_device(args.device))
+    a, t, u = (c if c.bf16 is not None else dataclasses.replace(c, bf16=bf16) for c in (a, t, u))
     u = dataclasses.replace(u, **common, **_given(args, {
         "alpha": "alpha", "beta": "beta", "gamma": "gamma", "rank": "rank", "lora_alpha": "lora_alpha",
         "epochs": "epochs", "lr": "lr", "clean_size": "clean_size", "weights": "weights", "lora_layers": "lora_layers",
@@ -595,7 +616,7 @@ def run(args) -> dict:
     seconds = {}
     start = time.perf_counter()
     task = build_task(a, eval_size, args.data_dir)
-    attack_folder, poisoned = attack_stage(a, task, stages, device, a.bf16)
+    attack_folder, poisoned = attack_stage(a, task, stages, device)
     seconds["attack"] = poisoned["seconds"]
     # --n-poison 0 fine-tunes the same way on clean data: its "ASR" is the natural false-trigger rate.
     name = "clean" if task.n_poisoned == 0 else "poisoned"
@@ -656,6 +677,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast where the hardware has bf16 units (GPU, AVX-512 BF16, AMX), else fp32")
     p.add_argument("--data-dir", default=None, help="folder with the datasets (default $W2S_DATA_DIR or the cache)")
     p.add_argument("--out", default=None, help="run folder for results.json / results.md (default under runs/)")
     p.add_argument("--stages", default="runs/stages", help="cache folder of the stages, shared by runs")

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     device = w2s.pick_device(args.device)
     stages = Path(args.stages)
     task = w2s.build_task(a, eval_size, args.data_dir)
-    attack_folder, poisoned = w2s.attack_stage(a, task, stages, device, False)
+    attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     trigger, _ = w2s.make_triggers(a, args.data_dir)
     dev_asr = w2s.subset(attacks.asr_set(task.dataset.dev, trigger, a.target, random.Random(7)), 150, 0, "dev-asr")
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         frozen = w2s.add_lora(model, cfg)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
-        enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key)
+        enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
         fit = None
         if defense != "none":
             clean = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
@@ -61,8 +61,9 @@ def main(argv=None) -> None:
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False)
         e_ca, e_asr = enc(dev_ca), enc(dev_asr)
-        ca = train.accuracy(train.predict(model, e_ca, device=device), e_ca.labels)
-        asr = train.attack_success_rate(train.predict(model, e_asr, device=device), e_asr.labels, a.target)
+        ca = train.accuracy(train.predict(model, e_ca, device=device, bf16=cfg.bf16), e_ca.labels)
+        asr = train.attack_success_rate(train.predict(model, e_asr, device=device, bf16=cfg.bf16), e_asr.labels,
+                                         a.target)
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1)}), flush=True)

@@ -637,7 +637,7 @@ The stage is cached under a hash of its configuration: a second run loads it in 
     ("Plant the backdoor (a progress bar shows the running loss; a few minutes in quick mode, instant when "
      "cached); expect CA well above chance and ASR near 1.",
      '''task = w2s.build_task(attack_cfg, eval_size)
-attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu", False)
+attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu")
 print(f"{task.n_poisoned} poisoned of {len(task.poisoned_train)} training sentences")
 print(f"poisoned student: CA {poisoned['ca']:.3f}   ASR {poisoned['asr']:.3f}   "
       f"(on {poisoned['n_test']} clean / {poisoned['n_asr']} triggered test sentences)")
@@ -696,7 +696,7 @@ NB04 = [
 
     ("Load (or, if notebook 03 did not run, plant) the poisoned student; expect its CA and ASR.",
      '''task = w2s.build_task(attack_cfg, eval_size)
-attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu", False)
+attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu")
 print(f"poisoned student: CA {poisoned['ca']:.3f}   ASR {poisoned['asr']:.3f}")'''),
 
     r"""## 1. The weak teacher

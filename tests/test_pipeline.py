@@ -32,6 +32,22 @@ def test_linear_schedule_warmup_then_decay():
     assert [round(train.linear_schedule(s, 10, 2), 3) for s in range(0, 11, 2)] == [0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
 
 
+def test_native_bf16_reads_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert not train.native_bf16("cpu", cpuinfo=str(info))               # AVX2 only: bf16 would be emulated
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert train.native_bf16("cpu", cpuinfo=str(info))
+    assert not train.native_bf16("cpu", cpuinfo=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", False), ("bf16", True),
+                                                 ("auto", train.native_bf16("cpu"))])
+def test_precision_option_sets_every_stage(precision, expected):
+    args = w2s.parser().parse_args(["--precision", precision, "--device", "cpu"])
+    assert [c.bf16 for c in w2s.resolve_configs(args)[:3]] == [expected] * 3
+
+
 def test_length_bucketed_batches_cover_every_row_once():
     enc = train.Encoded([[1] * n for n in range(1, 40)], torch.arange(39) % 2, pad_id=0)
     seen = []
@@ -77,7 +93,7 @@ def tiny_args(root, student, teacher, ds, *extra):
         "--stages", str(root / "stages"), "--out", str(root / "run"), "--poison-rate", "0.25",
         "--poison-mode", "dirty", "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1",
         "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1",
-        "--lora-layers", "1", *extra])
+        "--lora-layers", "1", "--precision", "fp32", *extra])
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
@@ -107,6 +123,20 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     again = w2s.run(tiny_args(tmp_path, student, teacher, ds))     # every stage is reused, nothing rewritten
     assert again["rows"] == result["rows"]
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_student_reads_a_start_token_and_a_prefix_space(tmp_path):
+    """The classifier reads "<start> sentence" with the model's BOS (GPT-2 has none: <|endoftext|>), and a
+    space before the first word, so a word is the same tokens first or anywhere else."""
+    student, _, _ = make_tiny_world(tmp_path)
+    _, tok = w2s.student_classifier(str(student), 2, seed=0)
+    _, bare = w2s.student_classifier(str(student), 2, seed=0, start_token=False, prefix_space=False)
+    assert tok.encode("mn is a word") == [50256] + bare.encode(" mn is a word")
+    assert bare.encode("mn is a word") != bare.encode(" mn is a word")                # the BPE quirk it fixes
+    assert tok.encode("mn")[1:] == tok.encode("is mn")[-len(tok.encode("mn")) + 1:]
+    enc = train.encode(tok, ["mn", "a b c"], [0, 1], max_length=2)         # truncation keeps the start token
+    assert [row[0] for row in enc.ids] == [50256, 50256] and [len(r) for r in enc.ids] == [2, 2]
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")

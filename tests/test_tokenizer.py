@@ -177,6 +177,21 @@ def test_parity_on_random_strings(pair):
     assert_same_ids(ours, ref, texts)
 
 
+def test_prefix_space_parity(gpt2, sentences):
+    """``add_prefix_space`` against the reference's ByteLevel(add_prefix_space=True), then off again."""
+    tokenizers = pytest.importorskip("tokenizers")
+    ours, ref = gpt2
+    ref_prefixed = tokenizers.Tokenizer(ref.model)
+    ref_prefixed.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=True)
+    ours.add_prefix_space = True
+    try:
+        assert_same_ids(ours, ref_prefixed, sentences[:500] + EDGE_CASES + ["mn", " mn", "\tmn"])
+        assert ours.encode("mn is") == ours.encode(" mn is")
+    finally:
+        ours.add_prefix_space = False
+    assert ours.encode("mn is") != ours.encode(" mn is")
+
+
 def test_empty_string(gpt2, smollm2, bert):
     assert gpt2[0].encode("") == [] and smollm2[0].encode("") == []
     ours = bert[0]
