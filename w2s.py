@@ -100,7 +100,7 @@ class UnlearnConfig:
     """The defender's LoRA fine-tuning on clean data (W2SDefense, or the CE-only control)."""
     alpha: float = 5.0                            # CE weight
     beta: float = 0.001                           # KD weight
-    gamma: float = 0.01                           # FA weight (chosen on dev with the held-out trigger cf: RESULTS.md)
+    gamma: float = 0.05                           # FA weight (chosen on dev with the held-out trigger cf: RESULTS.md)
     T: float = 2.0
     fa: str = "l2"                                # feature distance: "l2" (the paper's) or "normalized" (directions)
     weights: str = "ours"                         # "ours" (calibrated) or "authors" (per-attack table)
@@ -138,7 +138,7 @@ PRESETS = {
     "cpu": {
         "attack": dict(lr=1e-4, freeze_embeddings=False),
         "teacher": dict(),
-        "unlearn": dict(lr=2e-4),
+        "unlearn": dict(lr=2e-4, rank=512, lora_alpha=512),
         "eval_size": None,
     },
     # The authors' settings, for a GPU (REFERENCE.md §1).
