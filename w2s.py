@@ -128,7 +128,7 @@ PRESETS = {
         "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=2.0, lr=2e-4, max_length=32,
                        dev_size=100, evals_per_epoch=1, train_layers=6),
         "teacher": dict(train_size=600, epochs=2.0, max_length=32),
-        "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6),
+        "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6, gamma=0.02),
         "eval_size": 200,
     },
     # The default, sized for a laptop CPU: the paper's attacker (clean-label, the first 1,000 negatives get the
