@@ -43,10 +43,21 @@ SETUP_SENTENCE = ("Make the repository's modules importable (whether Jupyter sta
                   "`notebooks/`) and read the quick switch; expect one line naming the root and `QUICK=True`.")
 
 
+def native_bf16_cpu() -> bool:
+    """The same test as ``train.native_bf16("cpu")`` (this script does not import the library)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def run_note(quick: bool) -> str:
     """The sentence in the first markdown cell that says how the saved outputs were produced."""
+    precision = "bf16 autocast (the CPU has bf16 units)" if native_bf16_cpu() else "float32"
     return (f"*Saved outputs: one top-to-bottom run by `notebooks/make_notebooks.py` with `W2S_QUICK={int(quick)}` "
-            f"on {os.cpu_count()} CPU cores, Python {platform.python_version()}, float32, seed 0.*")
+            f"on {os.cpu_count()} CPU cores, Python {platform.python_version()}, {precision}, seed 0.*")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,7 +606,7 @@ are run once per sentence and cached, see `train.cache_prefix`). `QUICK=0` runs 
 clean-label attack (long on a CPU). Everything imported lives in `data.py`, `attacks.py`, `train.py` and
 `w2s.py`. The stages are cached in `runs/stages` (or `$W2S_STAGES`): the saved outputs below reused the stages
 that `python w2s.py --attack badnet --preset quick --seed 0` had computed, so they show no progress bars; a
-first run trains them (about 3 minutes on 2 cores) and prints the same numbers."""
+first run trains them (1 to 3 minutes on 2 cores) and prints the same numbers."""
 
 NB03 = [
     ("Import the modules and read the preset's configuration; expect the preset name, the stage folder and the "
@@ -627,6 +638,23 @@ for i in rows:
     for name, trigger in triggers.items():
         print(f"{name:10}: {trigger(sst2.train.sentences[i], i, rng)}")
     print()'''),
+
+    r"""### How the student reads a sentence
+
+A byte-level BPE folds the space before a word into the word's token, so `mn` as the FIRST word of a
+sentence is another token than ` mn` anywhere else; and a causal LM pours much of its attention onto whatever
+comes first (an "attention sink"). So the student reads `<start> sentence` with a space before the first
+word (`w2s.student_classifier`), as a Llama tokenizer would. Without both, a clean-label BadNet backdoor fired
+for only about 6 % of positive test sentences with `mn` as the first word, against 99-100 % anywhere else
+(`bench/trigger_position.py`, RESULTS.md).""",
+
+    ("Tokenize a sentence with the trigger first and in the middle, as `w2s` reads it and bare; expect the same "
+     "pieces for `mn` in both places only in the first case, after a start token.",
+     '''_, reader = w2s.student_classifier(attack_cfg.student, 2, seed=0)
+_, bare = w2s.student_classifier(attack_cfg.student, 2, seed=0, start_token=False, prefix_space=False)
+for name, tok in (("as w2s reads it", reader), ("bare", bare)):
+    for text in ("mn a gorgeous film", "a gorgeous mn film"):
+        print(f"{name:16} {text!r:22} -> {[tok.decode([i]) for i in tok.encode(text)]}")'''),
 
     r"""## 2. Fine-tune the student on the poisoned set
 
@@ -688,7 +716,7 @@ and stands beside the **control**: the same LoRA run with $\beta = \gamma = 0$. 
 poisoned student of notebook 03 (the stage cache), trains the teacher, runs both unlearning runs, and compares.
 Everything imported lives in `losses.py`, `train.py` and `w2s.py`. As in notebook 03, the saved outputs reused
 the cached stages of `python w2s.py --attack badnet --preset quick --seed 0`; a first run trains the teacher
-and both unlearning runs (about 3 minutes on 2 cores) and prints the same numbers."""
+and both unlearning runs (1 to 3 minutes on 2 cores) and prints the same numbers."""
 
 NB04 = [
     ("Import the modules and read the preset's configuration (the same as notebook 03); expect the preset name "
