@@ -143,7 +143,7 @@ PRESETS = {
     },
     # The authors' settings, for a GPU (REFERENCE.md §1).
     "paper": {
-        "attack": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32),
+        "attack": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32, freeze_embeddings=False),
         "teacher": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32),
         "unlearn": dict(rank=512, lora_alpha=512, epochs=5.0, lr=2e-4, batch_size=32, clean_size=None,
                         max_length=128),
@@ -602,12 +602,26 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> str:
+    """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0``: what differs from the full default run is
+    added to it (``-clean``, ``-defense-none``, ``-weights-authors``), so that one run never overwrites another's
+    table."""
+    parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
+    if a.n_poison == 0 and a.mode == "clean":
+        parts.append("clean")
+    if defense != "w2sdefense":
+        parts.append(f"defense-{defense}")
+    if u.weights != "ours":
+        parts.append(f"weights-{u.weights}")
+    return "-".join(parts)
+
+
 def run(args) -> dict:
     a, t, u, eval_size = resolve_configs(args)
     check_configs(a, t, u, args.defense, args.data_dir)
     device = pick_device(args.device)
     stages = Path(args.stages)
-    out = Path(args.out or f"runs/{a.attack}-{Path(a.dataset).name}-{args.preset}-seed{a.seed}")
+    out = Path(args.out or Path("runs") / run_name(a, u, args.preset, args.defense))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     print(f"w2s: attack={a.attack} dataset={a.dataset} defense={args.defense} preset={args.preset} "

@@ -48,6 +48,20 @@ def test_precision_option_sets_every_stage(precision, expected):
     assert [c.bf16 for c in w2s.resolve_configs(args)[:3]] == [expected] * 3
 
 
+@pytest.mark.parametrize("extra, name", [
+    ([], "badnet-sst2-cpu-seed0"),
+    (["--seed", "2", "--attack", "insent"], "insent-sst2-cpu-seed2"),
+    (["--n-poison", "0", "--defense", "none"], "badnet-sst2-cpu-seed0-clean-defense-none"),
+    (["--defense", "lora"], "badnet-sst2-cpu-seed0-defense-lora"),
+    (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
+])
+def test_default_run_folder_names_what_differs(extra, name):
+    """A clean fine-tune or a single defense must not overwrite the full run's results.json."""
+    args = w2s.parser().parse_args(["--attack", "badnet", "--precision", "fp32", *extra])
+    a, _, u, _ = w2s.resolve_configs(args)
+    assert w2s.run_name(a, u, args.preset, args.defense) == name
+
+
 def test_length_bucketed_batches_cover_every_row_once():
     enc = train.Encoded([[1] * n for n in range(1, 40)], torch.arange(39) % 2, pad_id=0)
     seen = []
