@@ -526,6 +526,7 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
                     device=device, desc=f"unlearn: {defense}")
     metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16, frozen, memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
+                   dev_history=fit.dev_history,
                    weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T, "fa": fa_distance(cfg)},
                    trainable=lora.count_trainable(model), seconds=time.perf_counter() - start)
     lora.save_lora(model, folder / "lora.safetensors")

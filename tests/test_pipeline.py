@@ -125,6 +125,10 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     assert (tmp_path / "run" / "results.md").read_text().startswith("# badnet")
     stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert [d.split("-")[0] for d in stage_dirs] == ["attack", "lora", "teacher", "w2sdefense"]
+    for d in stage_dirs:                            # every trained stage keeps its clean-dev curve
+        if not d.startswith("teacher"):
+            metrics = json.loads((tmp_path / "stages" / d / "metrics.json").read_text())
+            assert metrics["dev_history"][-1][0] == metrics["steps"]
     # --attack-layers 1: the attacker trained only the top block; the bottom one is still the pretrained one
     import weights
     poisoned = weights.read_safetensors(next((tmp_path / "stages").glob("attack-*")) / "student.safetensors")
