@@ -43,19 +43,12 @@ SETUP_SENTENCE = ("Make the repository's modules importable (whether Jupyter sta
                   "`notebooks/`) and read the quick switch; expect one line naming the root and `QUICK=True`.")
 
 
-def native_bf16_cpu() -> bool:
-    """The same test as ``train.native_bf16("cpu")`` (this script does not import the library)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def run_note(quick: bool) -> str:
     """The sentence in the first markdown cell that says how the saved outputs were produced."""
-    precision = "bf16 autocast (the CPU has bf16 units)" if native_bf16_cpu() else "float32"
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train                                     # the library's own test, as `--precision auto` uses it
+
+    precision = "bf16 autocast (the CPU has bf16 units)" if train.native_bf16("cpu") else "float32"
     return (f"*Saved outputs: one top-to-bottom run by `notebooks/make_notebooks.py` with `W2S_QUICK={int(quick)}` "
             f"on {os.cpu_count()} CPU cores, Python {platform.python_version()}, {precision}, seed 0.*")
 
