@@ -287,8 +287,12 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 
 
 def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=cross_entropy_loss,
-        device="cpu", desc: str = "train", progress: bool = True) -> FitResult:
-    """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state."""
+        device="cpu", desc: str = "train", progress: bool = True, on_eval=None) -> FitResult:
+    """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state.
+
+    ``on_eval(step)``, if given, is called after each clean-dev evaluation with the model in eval mode (the
+    calibration script uses it to watch other dev measures along the way; it must not train the model).
+    """
     torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
     rng = random.Random(cfg.seed)                      # batch order
     params = [p for p in model.parameters() if p.requires_grad]
@@ -332,6 +336,8 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
                 result.dev_history.append((step, acc))
                 if acc > result.best_dev_acc:
                     result.best_dev_acc, result.best_step, best_state = acc, step, snapshot()
+                if on_eval is not None:
+                    on_eval(step)
                 model.train()
             if step >= total:
                 break

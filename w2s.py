@@ -137,6 +137,10 @@ PRESETS = {
     # sentences. Measured times and numbers: RESULTS.md.
     "cpu": {
         "attack": dict(lr=1e-4, freeze_embeddings=False),
+        # The syntactic attack poisons only the 665 negatives that have a paraphrase: one epoch left its ASR near
+        # 0.62. The paper trains 5 epochs; 3 is the most that fits the 30-minute attack budget here (set before
+        # measuring, RESULTS.md).
+        "attack_for": {"syntactic": dict(epochs=3.0)},
         "teacher": dict(),
         "unlearn": dict(lr=2e-4, rank=512, lora_alpha=512),
         "eval_size": None,
@@ -542,6 +546,7 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     """Preset first, then every option the user gave explicitly."""
     p = PRESETS[args.preset]
     a = AttackConfig(**p["attack"])
+    a = dataclasses.replace(a, **p.get("attack_for", {}).get(args.attack, {}))
     t = TeacherConfig(**p["teacher"])
     u = UnlearnConfig(**p["unlearn"])
     common = dict(seed=args.seed)

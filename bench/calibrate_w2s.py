@@ -8,6 +8,10 @@ cache. Each grid entry overrides fields of the preset's UnlearnConfig ("defense"
 lora or none); each is trained on the defender's clean subset, selected on clean dev accuracy as in w2s.py,
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
 sentences. The test set is never read. One JSON line per entry.
+
+With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
+"curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
+can be compared on dev without retraining.
 """
 
 import dataclasses
@@ -27,6 +31,7 @@ import w2s  # noqa: E402
 def main(argv=None) -> None:
     parser = w2s.parser()
     parser.add_argument("--grid", required=True, help="JSON list of UnlearnConfig overrides")
+    parser.add_argument("--curve", action="store_true", help="also measure dev CA and ASR at every evaluation")
     args = parser.parse_args(argv)
     grid = json.loads(args.grid)
     a, t, u, eval_size = w2s.resolve_configs(args)
@@ -48,6 +53,16 @@ def main(argv=None) -> None:
         frozen = w2s.add_lora(model, cfg)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
+        e_ca, e_asr = enc(dev_ca), enc(dev_asr)
+
+        def measure():
+            ca = train.accuracy(train.predict(model, e_ca, device=device, bf16=cfg.bf16), e_ca.labels)
+            asr = train.attack_success_rate(train.predict(model, e_asr, device=device, bf16=cfg.bf16), e_asr.labels,
+                                             a.target)
+            return ca, asr
+
+        curve = []
+        on_eval = (lambda step: curve.append((step, *measure()))) if args.curve else None
         fit = None
         if defense != "none":
             clean = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
@@ -59,14 +74,15 @@ def main(argv=None) -> None:
                                                model.feature_dim, cfg.max_length, device)
                 loss_fn = w2s.unlearning_loss(al, be, ga, cfg.T, z_t, h_t, w2s.fa_distance(cfg))
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
-                            device=device, progress=False)
-        e_ca, e_asr = enc(dev_ca), enc(dev_asr)
-        ca = train.accuracy(train.predict(model, e_ca, device=device, bf16=cfg.bf16), e_ca.labels)
-        asr = train.attack_success_rate(train.predict(model, e_asr, device=device, bf16=cfg.bf16), e_asr.labels,
-                                         a.target)
+                            device=device, progress=False, on_eval=on_eval)
+        ca, asr = measure()
+        if fit and args.curve:
+            dev_acc = dict(fit.dev_history)
+            curve = [[s, round(dev_acc[s], 4), round(c, 3), round(r, 3)] for s, c, r in curve]
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
-                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+                          "seconds": round(time.perf_counter() - start, 1),
+                          **({"curve": curve} if fit and args.curve else {})}), flush=True)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,17 @@ def test_precision_option_sets_every_stage(precision, expected):
     assert [c.bf16 for c in w2s.resolve_configs(args)[:3]] == [expected] * 3
 
 
+@pytest.mark.parametrize("extra, epochs", [
+    (["--attack", "badnet"], 1.0),
+    (["--attack", "syntactic"], 3.0),                                # the cpu preset's per-attack setting
+    (["--attack", "syntactic", "--attack-epochs", "2"], 2.0),        # ... which the user's option overrides
+    (["--attack", "syntactic", "--preset", "quick"], 2.0),           # quick has no per-attack setting
+])
+def test_preset_attack_epochs_per_attack(extra, epochs):
+    a, _, _, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", *extra]))
+    assert a.epochs == epochs
+
+
 @pytest.mark.parametrize("extra, name", [
     ([], "badnet-sst2-cpu-seed0"),
     (["--seed", "2", "--attack", "insent"], "insent-sst2-cpu-seed2"),
