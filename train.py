@@ -290,8 +290,8 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
         device="cpu", desc: str = "train", progress: bool = True, on_eval=None) -> FitResult:
     """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state.
 
-    ``on_eval(step)``, if given, is called after each clean-dev evaluation with the model in eval mode (the
-    calibration script uses it to watch other dev measures along the way; it must not train the model).
+    ``on_eval(step)``, if given, is called after each clean-dev evaluation (the calibration script uses it to
+    measure other dev sets along the way, with ``predict``); it must not train the model.
     """
     torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
     rng = random.Random(cfg.seed)                      # batch order
