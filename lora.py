@@ -40,7 +40,9 @@ class LoRALinear(nn.Module):
 
     Shapes: `base.weight` W is (out, in), `A` is (r, in), `B` is (out, r).
     `A` ~ kaiming_uniform(a=sqrt(5)) drawn from `generator` if given; `B` = 0, so the wrapper starts as the base.
-    `A` and `B` are float32 whatever the base dtype: the update is computed in float32 and only the sum is cast.
+    `A` and `B` are float32 whatever the base dtype: outside autocast the update is computed in float32 and only
+    the sum is cast; under bf16 autocast its two matmuls run in bf16 like every other one, while A, B, their
+    gradients and the optimizer state stay float32 (master weights).
 
     Attributes: `base` (the wrapped layer, frozen), `A`, `B`, `r`, `alpha`, `scaling` = alpha / r,
     `dropout` (an `nn.Dropout` on the LoRA branch only; its rate is `dropout.p`), `merged`.
@@ -94,7 +96,7 @@ class LoRALinear(nn.Module):
         if self.merged:  # W already holds W0 + ΔW
             return y
         # Two thin matmuls, (..., in) -> (..., r) -> (..., out); the (out, in) matrix B A is never formed.
-        h = self.dropout(x).to(self.A.dtype)  # (..., in), float32
+        h = self.dropout(x).to(self.A.dtype)  # (..., in), float32 (autocast, if on, casts the matmuls to bf16)
         update = (h @ self.A.T @ self.B.T) * self.scaling  # (..., out)
         return y + update.to(y.dtype)
 
