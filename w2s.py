@@ -613,7 +613,7 @@ def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> st
     added to it (``-clean``, ``-defense-none``, ``-weights-authors``), so that one run never overwrites another's
     table."""
     parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
-    if a.n_poison == 0 and a.mode == "clean":
+    if (a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0):     # nothing poisoned: the clean reference
         parts.append("clean")
     if defense != "w2sdefense":
         parts.append(f"defense-{defense}")

@@ -63,6 +63,7 @@ def test_preset_attack_epochs_per_attack(extra, epochs):
     ([], "badnet-sst2-cpu-seed0"),
     (["--seed", "2", "--attack", "insent"], "insent-sst2-cpu-seed2"),
     (["--n-poison", "0", "--defense", "none"], "badnet-sst2-cpu-seed0-clean-defense-none"),
+    (["--poison-mode", "dirty", "--poison-rate", "0", "--defense", "none"], "badnet-sst2-cpu-seed0-clean-defense-none"),
     (["--defense", "lora"], "badnet-sst2-cpu-seed0-defense-lora"),
     (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
 ])
