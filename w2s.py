@@ -137,10 +137,11 @@ PRESETS = {
     # sentences. Measured times and numbers: RESULTS.md.
     "cpu": {
         "attack": dict(lr=1e-4, freeze_embeddings=False),
-        # The syntactic attack poisons only the 665 negatives that have a paraphrase: one epoch left its ASR near
-        # 0.62. The paper trains 5 epochs; 3 is the most that fits the 30-minute attack budget here (set before
-        # measuring, RESULTS.md).
-        "attack_for": {"syntactic": dict(epochs=3.0)},
+        # The syntactic attack, clean-label, can poison only the 665 negatives that SST-2's SCPN files paraphrase,
+        # and reached an ASR of 0.62 (1 epoch) and 0.56 (3 epochs): a negative sentence is learnt as negative from
+        # its words, whatever its syntax. So this preset plants it dirty-label, as HiddenKiller (Qi et al. 2021)
+        # does: 10 % of the training set (692 of the 718 paraphrased positives) relabelled 0 (RESULTS.md).
+        "attack_for": {"syntactic": dict(mode="dirty", poison_rate=0.1)},
         "teacher": dict(),
         "unlearn": dict(lr=2e-4, rank=512, lora_alpha=512),
         "eval_size": None,

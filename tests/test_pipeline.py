@@ -48,15 +48,15 @@ def test_precision_option_sets_every_stage(precision, expected):
     assert [c.bf16 for c in w2s.resolve_configs(args)[:3]] == [expected] * 3
 
 
-@pytest.mark.parametrize("extra, epochs", [
-    (["--attack", "badnet"], 1.0),
-    (["--attack", "syntactic"], 3.0),                                # the cpu preset's per-attack setting
-    (["--attack", "syntactic", "--attack-epochs", "2"], 2.0),        # ... which the user's option overrides
-    (["--attack", "syntactic", "--preset", "quick"], 2.0),           # quick has no per-attack setting
+@pytest.mark.parametrize("extra, mode", [
+    (["--attack", "badnet"], "clean"),
+    (["--attack", "syntactic"], "dirty"),                            # the cpu preset's per-attack setting
+    (["--attack", "syntactic", "--poison-mode", "clean"], "clean"),  # ... which the user's option overrides
+    (["--attack", "syntactic", "--preset", "paper"], "clean"),       # the paper's attacker is clean-label
 ])
-def test_preset_attack_epochs_per_attack(extra, epochs):
+def test_preset_poisoning_mode_per_attack(extra, mode):
     a, _, _, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", *extra]))
-    assert a.epochs == epochs
+    assert a.mode == mode
 
 
 @pytest.mark.parametrize("extra, name", [
