@@ -138,8 +138,8 @@ PRESETS = {
     "cpu": {
         "attack": dict(lr=1e-4, freeze_embeddings=False),
         # The syntactic attack, clean-label, can poison only the 665 negatives that SST-2's SCPN files paraphrase,
-        # and reached an ASR of 0.62 (1 epoch) and 0.56 (3 epochs): a negative sentence is learnt as negative from
-        # its words, whatever its syntax. So this preset plants it dirty-label, as HiddenKiller (Qi et al. 2021)
+        # and reached an ASR of 0.62 (1 epoch) and 0.56 (3 epochs; likely because the words of a negative sentence
+        # already explain its label). So this preset plants it dirty-label, as HiddenKiller (Qi et al. 2021)
         # does: 10 % of the training set (692 of the 718 paraphrased positives) relabelled 0 (RESULTS.md).
         "attack_for": {"syntactic": dict(mode="dirty", poison_rate=0.1)},
         "teacher": dict(),
