@@ -543,11 +543,16 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
 # The pipeline and its report
 # ----------------------------------------------------------------------------------------------
 
+def preset_attack(preset: str, attack: str) -> AttackConfig:
+    """The attacker's settings of a preset, with its per-attack overrides (``attack_for``)."""
+    p = PRESETS[preset]
+    return AttackConfig(**{**p["attack"], **p.get("attack_for", {}).get(attack, {})})
+
+
 def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, int | None]:
     """Preset first, then every option the user gave explicitly."""
     p = PRESETS[args.preset]
-    a = AttackConfig(**p["attack"])
-    a = dataclasses.replace(a, **p.get("attack_for", {}).get(args.attack, {}))
+    a = preset_attack(args.preset, args.attack)
     t = TeacherConfig(**p["teacher"])
     u = UnlearnConfig(**p["unlearn"])
     common = dict(seed=args.seed)
@@ -611,9 +616,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> str:
     """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0``: what differs from the full default run is
-    added to it (``-clean``, ``-defense-none``, ``-weights-authors``), so that one run never overwrites another's
-    table."""
+    added to it (``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``), so that one run never
+    overwrites another's table."""
     parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
+    if a.mode != preset_attack(preset, a.attack).mode:
+        parts.append(f"{a.mode}-label")
     if (a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0):     # nothing poisoned: the clean reference
         parts.append("clean")
     if defense != "w2sdefense":

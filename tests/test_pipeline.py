@@ -63,7 +63,10 @@ def test_preset_poisoning_mode_per_attack(extra, mode):
     ([], "badnet-sst2-cpu-seed0"),
     (["--seed", "2", "--attack", "insent"], "insent-sst2-cpu-seed2"),
     (["--n-poison", "0", "--defense", "none"], "badnet-sst2-cpu-seed0-clean-defense-none"),
-    (["--poison-mode", "dirty", "--poison-rate", "0", "--defense", "none"], "badnet-sst2-cpu-seed0-clean-defense-none"),
+    (["--poison-mode", "dirty", "--poison-rate", "0", "--defense", "none"],
+     "badnet-sst2-cpu-seed0-dirty-label-clean-defense-none"),
+    (["--attack", "syntactic"], "syntactic-sst2-cpu-seed0"),                    # dirty-label is its preset's mode
+    (["--attack", "syntactic", "--poison-mode", "clean"], "syntactic-sst2-cpu-seed0-clean-label"),
     (["--defense", "lora"], "badnet-sst2-cpu-seed0-defense-lora"),
     (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
 ])
