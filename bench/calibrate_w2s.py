@@ -61,8 +61,8 @@ def main(argv=None) -> None:
                                              a.target)
             return ca, asr
 
-        curve = []
-        on_eval = (lambda step: curve.append((step, *measure()))) if args.curve else None
+        along = []                                    # (step, dev CA, dev ASR) at each evaluation, with --curve
+        on_eval = (lambda step: along.append((step, *measure()))) if args.curve else None
         fit = None
         if defense != "none":
             clean = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
@@ -76,13 +76,12 @@ def main(argv=None) -> None:
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False, on_eval=on_eval)
         ca, asr = measure()
-        if fit and args.curve:
-            dev_acc = dict(fit.dev_history)
-            curve = [[s, round(dev_acc[s], 4), round(c, 3), round(r, 3)] for s, c, r in curve]
+        dev_acc = dict(fit.dev_history) if fit else {}
+        curve = [[s, round(dev_acc[s], 4), round(c, 3), round(r, 3)] for s, c, r in along]
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
-                          **({"curve": curve} if fit and args.curve else {})}), flush=True)
+                          **({"curve": curve} if curve else {})}), flush=True)
 
 
 if __name__ == "__main__":

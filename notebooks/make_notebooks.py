@@ -638,7 +638,7 @@ A byte-level BPE folds the space before a word into the word's token, so `mn` as
 sentence is another token than ` mn` anywhere else; and a causal LM pours much of its attention onto whatever
 comes first (an "attention sink"). So the student reads `<start> sentence` with a space before the first
 word (`w2s.student_classifier`), as a Llama tokenizer would. Without both, the cpu preset's clean-label BadNet
-backdoor fired for 7 % of positive test sentences with `mn` as the first word (no more than their clean error),
+backdoor fired for 7.3 % of positive test sentences with `mn` as the first word (6.7 % without the trigger),
 against 100 % in the middle or at the end (`bench/trigger_position.py --bare`, RESULTS.md).""",
 
     ("Tokenize a sentence with the trigger first and in the middle, as `w2s` reads it and bare; expect the same "
