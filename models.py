@@ -115,6 +115,35 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def attention(q, k, v, mask=None, causal: bool = False):
+    """Scaled dot-product attention written out: ``softmax(q kᵀ / sqrt(d) + mask) v`` (Vaswani et al. 2017).
+
+    ``q`` (B, nh, T, d); ``k``, ``v`` (B, nkv, S, d), where ``nh`` is a multiple of ``nkv``: grouped-query
+    attention, query heads ``g·j … g·j + g - 1`` (g = nh / nkv) share key/value head ``j``. ``mask``: boolean,
+    broadcastable to (B, 1, T, S), True where a query may attend to a key; ``causal`` adds "not to a later key".
+    Returns (B, nh, T, d).
+
+    Why not ``F.scaled_dot_product_attention``: on a CPU at our lengths (20 to 60 tokens) its flash kernel's
+    backward took a third of a LoRA training step; these three small products and a softmax cost a fraction of
+    that (bench/RESULTS.md). The (T, S) score matrix is small here; for long sequences the fused kernel wins.
+    """
+    B, nh, T, d = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    g = nh // nkv
+    # Stack the g query heads of each key/value head along T, so one product serves the whole group
+    # without copying k and v g times: (B, nkv, g*T, d) @ (B, nkv, d, S) -> (B, nkv, g, T, S).
+    scores = (q.reshape(B, nkv, g * T, d) @ k.transpose(-2, -1)).view(B, nkv, g, T, S)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / d ** 0.5   # at least float32
+    if causal:
+        later = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)   # key after the query
+        scores = scores.masked_fill(later, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))                # (B, 1, 1, T|1, S)
+    p = torch.softmax(scores, dim=-1)                                                 # each row sums to 1
+    y = p.view(B, nkv, g * T, S).to(v.dtype) @ v                                      # (B, nkv, g*T, d)
+    return y.view(B, nh, T, d)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v projections (so LoRA can target q and v).
 
@@ -139,9 +168,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
-            enable_gqa=self.n_kv_head != self.n_head)                                # (B, nh, T, hd)
+        y = attention(q, k, v, mask, causal=self.causal and mask is None)              # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                      # (B, T, d)
 
 

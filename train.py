@@ -22,7 +22,7 @@ import dataclasses
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -128,14 +128,15 @@ def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: in
     model.eval()
     sub = dataclasses.replace(data, ids=[data.ids[i] for i in todo], labels=data.labels[todo] if todo else data.labels[:0])
     n_batches = math.ceil(len(sub) / batch_size)
-    for b in tqdm(batches(sub, batch_size), total=n_batches, desc=f"frozen prefix ({layers} blocks)", leave=False,
-                  disable=not progress or n_batches < 10, dynamic_ncols=True):
-        with autocast(device, bf16):
-            x = model.backbone.hidden_states(b.input_ids.to(device), b.attention_mask.to(device), layer=layers - 1)
-        x = x.float().cpu()
-        for r, j in enumerate(b.index.tolist()):
-            n = len(sub.ids[j])
-            memo[key(todo[j])] = (x[r, -n:] if data.padding_side == "left" else x[r, :n]).clone()
+    with bf16_weights(model, enabled=bf16, frozen_only=False):
+        for b in tqdm(batches(sub, batch_size), total=n_batches, desc=f"frozen prefix ({layers} blocks)",
+                      leave=False, disable=not progress or n_batches < 10, dynamic_ncols=True):
+            with autocast(device, bf16):
+                x = model.backbone.hidden_states(b.input_ids.to(device), b.attention_mask.to(device), layer=layers - 1)
+            x = x.float().cpu()
+            for r, j in enumerate(b.index.tolist()):
+                n = len(sub.ids[j])
+                memo[key(todo[j])] = (x[r, -n:] if data.padding_side == "left" else x[r, :n]).clone()
     model.train(was_training)
     return dataclasses.replace(data, prefix=[memo[key(i)] for i in range(len(data))], prefix_layers=layers)
 
@@ -191,6 +192,48 @@ def autocast(device, bf16: bool):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+@contextmanager
+def bf16_weights(model, enabled: bool = True, frozen_only: bool = True):
+    """Hold the weights of ``model``'s linear layers in bf16 while the block runs; put the float32 tensors back after.
+
+    Under bf16 autocast every matrix product first casts its float32 weight to bf16. Autocast keeps that cast for
+    the rest of the step only for weights that require grad; a FROZEN weight is cast again at every call, so a
+    LoRA step re-reads the whole float32 model and writes a bf16 copy of it on every forward. Casting once
+    beforehand feeds the products the very same bf16 numbers (the same round-to-nearest conversion), so results
+    are bit for bit those of plain autocast, without that traffic (bench/RESULTS.md). Only for code that runs
+    under bf16 autocast: a float32 product with a bf16 weight is an error.
+
+    ``frozen_only``: leave the weights that require grad alone (they are the optimizer's float32 master
+    weights); ``False`` for inference, where nothing is updated. A weight shared with another kind of layer (a
+    language-model head tied to the token embedding) is left alone, so the embedding lookup stays float32.
+    The biases stay float32 (autocast casts them; they are small).
+    """
+    if not enabled:
+        yield
+        return
+    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
+    kept = []                                           # (parameter, its float32 tensor), to put back
+    for m in model.modules():
+        w = getattr(m, "weight", None) if isinstance(m, torch.nn.Linear) else None
+        if w is None or w.dtype != torch.float32 or id(w) in shared or (frozen_only and w.requires_grad):
+            continue
+        kept.append((w, w.data))
+        w.data = w.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for w, data in kept:
+            w.data = data
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device):
+    """AdamW, with torch's fused kernel where it has one (CPU and CUDA): one pass over each tensor instead of a
+    handful, the same update up to float rounding; it roughly halved the optimizer's share of a full
+    fine-tuning step here (bench/RESULTS.md)."""
+    fused = torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 @torch.inference_mode()
 def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, device=None) -> torch.Tensor:
     """Predicted class of every row of ``data``, in the original order."""
@@ -198,10 +241,11 @@ def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, devi
     was_training = model.training
     model.eval()
     preds = torch.empty(len(data), dtype=torch.long)
-    for b in batches(data, batch_size):
-        with autocast(device, bf16):
-            logits = model(**b.to(device).inputs())
-        preds[b.index] = logits.argmax(-1).cpu()
+    with bf16_weights(model, enabled=bf16, frozen_only=False):     # cast once per call, not once per batch
+        for b in batches(data, batch_size):
+            with autocast(device, bf16):
+                logits = model(**b.to(device).inputs())
+            preds[b.index] = logits.argmax(-1).cpu()
     model.train(was_training)
     return preds
 
@@ -291,7 +335,9 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state.
 
     ``on_eval(step)``, if given, is called after each clean-dev evaluation (the calibration script uses it to
-    measure other dev sets along the way, with ``predict``); it must not train the model.
+    measure other dev sets along the way, with ``predict``); it must not train the model. With ``cfg.bf16`` the
+    frozen linear weights are held in bf16 while the loop runs (``bf16_weights``), the hook included, so a
+    forward pass in it must run under ``autocast(device, True)``, as ``predict(..., bf16=True)`` does.
     """
     torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
     rng = random.Random(cfg.seed)                      # batch order
@@ -299,7 +345,7 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, device)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     warmup = round(cfg.warmup_ratio * total)
@@ -316,31 +362,32 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     model.train()
     bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     step, running = 0, None
-    while step < total:
-        for batch in batches(train_data, cfg.batch_size, shuffle=True, rng=rng):
-            batch = batch.to(device)
-            with autocast(device, cfg.bf16):
-                loss, terms = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            result.history.append({"step": step, "loss": loss.item(), **terms})
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", **{k: f"{v:.4g}" for k, v in terms.items()})
-            if step % eval_every == 0 or step == total:
-                acc = accuracy(predict(model, dev_data, device=device, bf16=cfg.bf16), dev_data.labels)
-                result.dev_history.append((step, acc))
-                if acc > result.best_dev_acc:
-                    result.best_dev_acc, result.best_step, best_state = acc, step, snapshot()
-                if on_eval is not None:
-                    on_eval(step)
-                model.train()
-            if step >= total:
-                break
+    with bf16_weights(model, enabled=cfg.bf16):        # frozen weights cast once, not at every product
+        while step < total:
+            for batch in batches(train_data, cfg.batch_size, shuffle=True, rng=rng):
+                batch = batch.to(device)
+                with autocast(device, cfg.bf16):
+                    loss, terms = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                result.history.append({"step": step, "loss": loss.item(), **terms})
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}", **{k: f"{v:.4g}" for k, v in terms.items()})
+                if step % eval_every == 0 or step == total:
+                    acc = accuracy(predict(model, dev_data, device=device, bf16=cfg.bf16), dev_data.labels)
+                    result.dev_history.append((step, acc))
+                    if acc > result.best_dev_acc:
+                        result.best_dev_acc, result.best_step, best_state = acc, step, snapshot()
+                    if on_eval is not None:
+                        on_eval(step)
+                    model.train()
+                if step >= total:
+                    break
     bar.close()
     if best_state is not None:                         # restore the best clean-dev checkpoint
         with torch.no_grad():

@@ -24,6 +24,7 @@ Reference libraries (transformers, peft) are bench-only dependencies: requiremen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -143,19 +144,34 @@ def logits_of(stack: str, model, ids, mask):
     return model(input_ids=ids, attention_mask=mask).logits
 
 
-def prepare(stack: str, base, mode: str, cfg: BenchConfig):
-    """A fresh copy of ``base`` set up for ``mode``: (model, optimizer or None)."""
-    kind, _ = MODES[mode]
+def prepare(stack: str, base, mode: str, cfg: BenchConfig, hold: contextlib.ExitStack):
+    """A fresh copy of ``base`` set up for ``mode``, as each stack's own training loop sets it up:
+    (model, optimizer or None).
+
+    The optimizer: ours is ``train.make_optimizer`` (what ``train.fit`` uses: torch's fused AdamW on a CPU);
+    the reference's is torch's fused AdamW too, the ``transformers.Trainer`` default with torch >= 2.8
+    (``optim="adamw_torch_fused"``), so the two update alike. In bf16, ours holds its frozen linear weights in
+    bf16 (all of them for inference) for as long as ``hold`` stays open, as ``train.fit`` and ``train.predict``
+    do for a whole run (``train.bf16_weights``); the reference keeps float32 weights under autocast, as peft
+    on a float32 model does.
+    """
+    kind, bf16 = MODES[mode]
     model = copy.deepcopy(base)
     if kind == "infer":
-        return model.eval(), None
-    if kind == "lora":
-        model = add_lora(stack, model, cfg)
+        model.eval()
+    elif kind == "lora":
+        model = add_lora(stack, model, cfg).train()
     else:
-        model.requires_grad_(True)
-    model.train()
+        model.requires_grad_(True).train()
+    if stack == "ours" and bf16:
+        hold.enter_context(train.bf16_weights(model, frozen_only=kind != "infer"))
+    if kind == "infer":
+        return model, None
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=cfg.lr)
+    device = params[0].device
+    if stack == "ours":
+        return model, train.make_optimizer(params, cfg.lr, 0.01, device)
+    return model, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, fused=device.type in ("cpu", "cuda") or None)
 
 
 def step(stack: str, model, optimizer, ids, mask, labels, bf16: bool, device):
@@ -250,7 +266,8 @@ def time_mode(mode, bases, batches, cfg: BenchConfig, device, steps: int):
     """Median tokens/s of each stack over ``steps`` batches; each batch is run by both stacks, the order
     alternating between steps so that neither always runs second on a shared, noisy machine."""
     kind, bf16 = MODES[mode]
-    setups = {s: prepare(s, bases[s], mode, cfg) for s in ("ours", "hf")}
+    hold = contextlib.ExitStack()
+    setups = {s: prepare(s, bases[s], mode, cfg, hold) for s in ("ours", "hf")}
     w = batches[0]
     if cfg.warmup == "small":
         w = train.Batch(w.input_ids[:2], w.attention_mask[:2], w.labels[:2], w.index[:2])
@@ -269,6 +286,7 @@ def time_mode(mode, bases, batches, cfg: BenchConfig, device, steps: int):
             times[s].append(time_one(s, *setups[s], b, bf16, device))
         print(f"  {mode} B={b.input_ids.shape[0]} T={b.input_ids.shape[1]} step {i}: "
               f"ours {times['ours'][-1]:.2f}s  hf {times['hf'][-1]:.2f}s", flush=True)
+    hold.close()
     del setups
     gc.collect()
     out = {"mode": mode, "kind": kind, "bf16": bf16, "steps": len(tokens), "tokens_per_step": tokens,
@@ -302,7 +320,7 @@ def child_main(args):
         model = LlamaForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa",
                                                                dtype=torch.float32)
     model = model.to(device)
-    model, opt = prepare(args.stack, model, args.mode, cfg)
+    model, opt = prepare(args.stack, model, args.mode, cfg, contextlib.ExitStack())   # held until exit
     _, bf16 = MODES[args.mode]
     rows = json.loads(Path(args.batches).read_text())
     batches = [train.Batch(torch.tensor(r["ids"]), torch.tensor(r["mask"]), torch.tensor(r["labels"]),
@@ -491,7 +509,7 @@ def config_from_args(a) -> BenchConfig:
 def profile_lora_bf16(bases, batch, cfg, device, out_dir: Path):
     """torch.profiler on one LoRA bf16 training step of OUR model; returns the top ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
-    model, opt = prepare("ours", bases["ours"], "lora_bf16", cfg)
+    model, opt = prepare("ours", bases["ours"], "lora_bf16", cfg, contextlib.ExitStack())
     step("ours", model, opt, batch.input_ids[:2], batch.attention_mask[:2], batch.labels[:2], True, device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:

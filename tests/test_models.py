@@ -335,3 +335,44 @@ def test_rope_rotates_each_pair_by_position_times_frequency():
     # (x0, x2) = (1, 0) -> (cos a, sin a); (x1, x3) = (0, 1) -> (-sin b, cos b)
     expected = torch.tensor([math.cos(a), -math.sin(b), math.sin(a), math.cos(b)])
     torch.testing.assert_close(y[0, 0, 1], expected, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- attention, written out
+
+def test_attention_by_hand():
+    # One head, d = 4 (scale 1/2), two positions. Query 1 sees keys 0 and 1: scores (q1·k0, q1·k1) / 2 = (0, 1),
+    # weights softmax(0, 1) = (1, e) / (1 + e); query 0 sees only key 0 (causal): output v0.
+    q = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]]).view(1, 1, 2, 4)
+    k = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]).view(1, 1, 2, 4)
+    v = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]]).view(1, 1, 2, 4)
+    y = models.attention(q, k, v, causal=True)[0, 0]
+    w1 = math.e / (1 + math.e)
+    torch.testing.assert_close(y[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(y[1], torch.tensor([1 - w1, 3 * w1, 0.0, 0.0]), atol=1e-6, rtol=0)
+    # Without the causal mask query 0 also sees key 1: scores (0, 0), an even mix of v0 and v1.
+    y = models.attention(q, k, v)[0, 0]
+    torch.testing.assert_close(y[0], torch.tensor([0.5, 1.5, 0.0, 0.0]))
+    # A boolean mask that hides key 1 from both queries: each returns v0.
+    keep = torch.tensor([True, False]).view(1, 1, 1, 2)
+    torch.testing.assert_close(models.attention(q, k, v, keep)[0, 0], v[0, 0, :1].expand(2, 4))
+
+
+@pytest.mark.parametrize("n_head, n_kv_head", [(4, 4), (6, 2), (3, 1)])
+@pytest.mark.parametrize("masking", ["causal", "causal+padding", "padding"])
+def test_attention_equals_torch_sdpa(n_head, n_kv_head, masking):
+    """Grouped-query heads, causal and boolean masks: the same as torch's fused kernel (float64)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, d = 3, 6, 8
+    q = torch.randn(B, n_head, T, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv_head, T, d, generator=g, dtype=torch.float64) for _ in range(2))
+    lengths = torch.tensor([6, 4, 1])
+    pad = models.right_padding_mask(lengths, T)                                 # (B, T)
+    causal = masking.startswith("causal")
+    mask = None if masking == "causal" else pad[:, None, None, :]               # keys only, as BERT's
+    if masking == "causal+padding":
+        mask = (torch.ones(T, T, dtype=torch.bool).tril() & pad[:, None, :] | torch.eye(T, dtype=torch.bool))[:, None]
+        causal = False
+    ours = models.attention(q, k, v, mask, causal=causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                           enable_gqa=n_head != n_kv_head)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)

@@ -68,3 +68,90 @@ def test_fit_restores_the_best_dev_checkpoint_and_is_deterministic():
     again = run()[2]
     assert [h["loss"] for h in again.history] == [h["loss"] for h in result.history]
     assert again.dev_history == result.dev_history
+
+
+# ---------------------------------------------------------------- bf16 weights held once, bit for bit
+
+class TwoLayers(nn.Module):
+    """A frozen layer, a trainable one, and a head tied to an embedding (as a language model's)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Embedding(10, 8)
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+        self.trained = nn.Linear(8, 8)
+        self.tied = nn.Linear(8, 10, bias=False)
+        self.tied.weight = self.emb.weight
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, ids):
+        return self.tied(self.trained(torch.relu(self.frozen(self.emb(ids)))))
+
+
+def test_bf16_weights_gives_autocast_results_bit_for_bit_and_puts_float32_back():
+    model = TwoLayers()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss_and_grads():
+        model.zero_grad()
+        with train.autocast("cpu", True):
+            out = model(ids)
+        out.float().square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_out, plain_grads = loss_and_grads()
+    with train.bf16_weights(model):
+        assert model.frozen.weight.dtype == torch.bfloat16           # frozen: held in bf16
+        assert model.trained.weight.dtype == torch.float32           # trainable: the master weights stay
+        assert model.emb.weight.dtype == torch.float32               # tied to an embedding: left alone
+        held_out, held_grads = loss_and_grads()
+    assert torch.equal(plain_out, held_out)
+    assert plain_grads.keys() == held_grads.keys() and all(torch.equal(plain_grads[n], held_grads[n]) for n in plain_grads)
+    for n, p in model.named_parameters():                             # the float32 tensors are back, unchanged
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+    with train.bf16_weights(model, frozen_only=False):               # inference: the trainable one too
+        assert model.trained.weight.dtype == torch.bfloat16
+    with train.bf16_weights(model, enabled=False):
+        assert model.frozen.weight.dtype == torch.float32
+
+
+def test_bf16_weights_puts_float32_back_when_the_block_raises():
+    model = TwoLayers()
+    try:
+        with train.bf16_weights(model):
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert model.frozen.weight.dtype == torch.float32
+
+
+def test_predict_in_bf16_equals_plain_autocast_and_keeps_float32_weights():
+    model, dev, _ = run()
+    with torch.inference_mode(), train.autocast("cpu", True):
+        expected = torch.cat([model(b.input_ids, b.attention_mask).argmax(-1) for b in train.batches(dev, 64)])
+    order = torch.cat([b.index for b in train.batches(dev, 64)])
+    preds = train.predict(model, dev, bf16=True)
+    assert torch.equal(preds[order], expected)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_make_optimizer_updates_as_plain_adamw():
+    """The fused kernel changes how AdamW is computed, not what: three steps agree with the for-loop version."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 3, generator=g)
+    grads = [torch.randn(5, 3, generator=g) for _ in range(3)]
+    out = []
+    for make in (lambda ps: train.make_optimizer(ps, 1e-2, 0.01, "cpu"),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, foreach=False)):
+        w = nn.Parameter(start.clone())
+        opt = make([w])
+        for gr in grads:
+            w.grad = gr.clone()
+            opt.step()
+        out.append(w.detach())
+    assert not torch.equal(out[0], start)
+    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=1e-6)
