@@ -219,7 +219,7 @@ def positions_and_mask(attention_mask, T: int, device):
 
     Positions count only real tokens, so a left-padded row sees the same positions as the row alone.
     With no padding, or padding only on the right, causal attention alone is exact (a real token
-    never looks right), so the mask is None and the fast causal kernel is used.
+    never looks right), so the mask is None and attention applies the causal rule alone (no (B, T, T) mask).
     """
     if attention_mask is None:
         return torch.arange(T, device=device)[None], None
