@@ -1,0 +1,61 @@
+"""Gather the ``results.json`` of several runs into one markdown table, with the mean and sample std over them.
+
+    .venv/bin/python bench/collect_results.py runs/badnet-sst2-cpu-seed0 runs/badnet-sst2-cpu-seed1 ...
+
+One row per run folder (its seed, CA / ASR of every model it reports, the teacher's CA, its wall seconds), then
+a row of mean ± std (sample standard deviation) over them. RESULTS.md's tables are printed by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def load(folder: Path) -> dict:
+    path = folder / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read {path}: {e}")
+
+
+def mean_std(xs: list[float]) -> str:
+    if len(xs) < 2:
+        return f"{xs[0]:.3f}" if xs else "–"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def table(results: list[dict]) -> str:
+    models = list(dict.fromkeys(r["model"] for res in results for r in res["rows"]))
+    head = ["seed"] + [f"{m} CA / ASR" for m in models] + ["teacher CA", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        rows = {r["model"]: r for r in res["rows"]}
+        cells = [str(res["seed"])]
+        cells += [f"{rows[m]['ca']:.3f} / {rows[m]['asr']:.3f}" if m in rows else "–" for m in models]
+        cells += [f"{res['teacher_ca']:.3f}" if res.get("teacher_ca") is not None else "–", f"{res['wall_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(results) > 1:
+        cells = ["mean ± std"]
+        for m in models:
+            got = [r for res in results for r in res["rows"] if r["model"] == m]
+            cells.append(f"{mean_std([r['ca'] for r in got])} / {mean_std([r['asr'] for r in got])}")
+        cells.append(mean_std([res["teacher_ca"] for res in results if res.get("teacher_ca") is not None]))
+        cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders, each holding a results.json")
+    args = p.parse_args(argv)
+    print(table([load(f) for f in args.runs]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
