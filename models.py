@@ -123,9 +123,10 @@ def attention(q, k, v, mask=None, causal: bool = False):
     broadcastable to (B, 1, T, S), True where a query may attend to a key; ``causal`` adds "not to a later key".
     Returns (B, nh, T, d).
 
-    Why not ``F.scaled_dot_product_attention``: on a CPU at our lengths (20 to 60 tokens) its flash kernel's
-    backward took a third of a LoRA training step; these three small products and a softmax cost a fraction of
-    that (bench/RESULTS.md). The (T, S) score matrix is small here; for long sequences the fused kernel wins.
+    Why not ``F.scaled_dot_product_attention``: on a CPU at our lengths (20 to 60 tokens) the backward of its
+    flash kernel took a quarter of a bf16 LoRA training step in the profile (RESULTS.md, Throughput); these three
+    small products and a softmax cost much less. The (T, S) score matrix is materialised, which is cheap at
+    these lengths; for long sequences a fused kernel, which never forms it, saves memory.
     """
     B, nh, T, d = q.shape
     nkv, S = k.shape[1], k.shape[2]

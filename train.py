@@ -228,8 +228,8 @@ def bf16_weights(model, enabled: bool = True, frozen_only: bool = True):
 
 def make_optimizer(params, lr: float, weight_decay: float, device):
     """AdamW, with torch's fused kernel where it has one (CPU and CUDA): one pass over each tensor instead of a
-    handful, the same update up to float rounding; it roughly halved the optimizer's share of a full
-    fine-tuning step here (bench/RESULTS.md)."""
+    handful, the same update up to float rounding (tests/test_train.py). ``transformers.Trainer`` uses the same
+    kernel by default, so the benchmark against it gives both stacks this optimizer (bench/README.md)."""
     fused = torch.device(device).type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
