@@ -207,8 +207,21 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.style)
 
     def forward(self, x, mask=None, rope=None):
-        x = x + self.attn(self.norm1(x), mask, rope)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(cast_once(self.norm1(x)), mask, rope)
+        return x + self.mlp(cast_once(self.norm2(x)))
+
+
+def cast_once(h):
+    """Under autocast with autograd off (inference), cast ``h`` to the autocast dtype once, here.
+
+    Autocast casts a float32 input at every product that reads it: three times for q, k and v, twice for
+    gate and up. Casting once gives the same bf16 values, so the outputs are bit for bit the same. Not while
+    training: the products' gradients would then be summed in bf16 rather than in float32.
+    """
+    kind = h.device.type
+    if torch.is_autocast_enabled(kind) and not torch.is_grad_enabled():
+        return h.to(torch.get_autocast_dtype(kind))
+    return h
 
 
 # ----------------------------------------------------------------------------------------------

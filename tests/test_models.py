@@ -314,6 +314,39 @@ def test_forward_from_a_cached_prefix_equals_the_full_forward(style, padding_sid
         train.cache_prefix(clf, data, 4)
 
 
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_cast_once_gives_autocast_bit_for_bit_in_inference(style, monkeypatch):
+    import lora
+    seeded(5)
+    cfg = models.GPTConfig(style=style, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2 if style == "llama" else 4,
+                           d_model=32, d_ff=64, max_seq_len=32)
+    clf = models.Classifier(models.GPT(cfg), 2, generator=seeded(6)).eval()
+    lora.inject_lora(clf, targets=("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0, generator=seeded(7))
+    bs = [p for name, p in clf.named_parameters() if name.endswith(".B")]
+    assert len(bs) == 2 * cfg.n_layer
+    for p in bs:
+        p.data.normal_(generator=seeded(8))                    # a LoRA that is not a no-op
+    ids = torch.randint(1, 50, (3, 7), generator=seeded(9))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return clf(ids, mask, return_features=True)
+
+    z1, h1 = run()
+    monkeypatch.setattr(models, "cast_once", lambda h: h)     # autocast alone casts at every product
+    z0, h0 = run()
+    assert torch.equal(z1, z0) and torch.equal(h1, h0)
+    monkeypatch.undo()
+    h = torch.ones(2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert models.cast_once(h) is h                           # training: left to autocast
+        with torch.no_grad():
+            assert models.cast_once(h).dtype == torch.bfloat16
+    assert models.cast_once(h) is h                               # no autocast: untouched
+
+
 # ---------------------------------------------------------------- the norm and rotary equations by hand
 
 def test_rmsnorm_by_hand():
