@@ -9,6 +9,11 @@ lora or none); each is trained on the defender's clean subset, selected on clean
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
 sentences. The test set is never read. One JSON line per entry.
 
+Two levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
+``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
+poisoned one; ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
+sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature).
+
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
 can be compared on dev without retraining.
@@ -21,9 +26,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attacks  # noqa: E402
+import losses  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
 
@@ -47,10 +56,14 @@ def main(argv=None) -> None:
     for over in grid:
         over = dict(over)
         defense = over.pop("defense", "w2sdefense")
+        head = over.pop("head", "keep")
+        fa_tokens = over.pop("fa_tokens", "last")
         cfg = dataclasses.replace(u, **over)
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         frozen = w2s.add_lora(model, cfg)
+        if head == "fresh":
+            model.reset_head(torch.Generator().manual_seed(cfg.seed))
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
         e_ca, e_asr = enc(dev_ca), enc(dev_asr)
@@ -73,15 +86,38 @@ def main(argv=None) -> None:
                 z_t, h_t = w2s.teacher_outputs(t, teacher_folder, clean.sentences, task.dataset.num_classes,
                                                model.feature_dim, cfg.max_length, device)
                 loss_fn = w2s.unlearning_loss(al, be, ga, cfg.T, z_t, h_t, w2s.fa_distance(cfg))
+                if fa_tokens == "all":
+                    loss_fn = all_token_loss(al, be, ga, cfg.T, z_t, h_t)
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False, on_eval=on_eval)
         ca, asr = measure()
         dev_acc = dict(fit.dev_history) if fit else {}
         curve = [[s, round(dev_acc[s], 4), round(c, 3), round(r, 3)] for s, c, r in along]
+        over.update({"head": head} if head != "keep" else {}, **({"fa_tokens": fa_tokens} if fa_tokens != "last" else {}))
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
                           **({"curve": curve} if curve else {})}), flush=True)
+
+
+def all_token_loss(alpha, beta, gamma, T, z_t_all, h_t_all):
+    """``alpha*CE + beta*KD + gamma*FA_all``, FA_all = 1/B sum_i mean_{real tokens j of i} ||h_t[i] - H_s[i, j]||^2:
+    every token's final hidden state of sentence i is pulled toward sentence i's teacher feature."""
+    def loss_fn(model, batch):
+        inputs = batch.inputs()
+        extra = {"prefix": inputs["prefix"]} if "prefix" in inputs else {}
+        mask = inputs["attention_mask"]
+        hidden = model.backbone.hidden_states(inputs["input_ids"], mask, **extra)      # (B, T, d)
+        z_s = model.head(models.last_real_token(hidden, mask))                          # (B, C)
+        idx = batch.index.cpu()
+        z_t, h_t = z_t_all[idx].to(z_s.device), h_t_all[idx].to(z_s.device)
+        real = mask.float()                                                              # (B, T)
+        per_token = (h_t.float()[:, None] - hidden.float()).pow(2).sum(-1)               # (B, T)
+        fa = ((per_token * real).sum(-1) / real.sum(-1)).mean()
+        ce, kd = losses.cross_entropy(z_s, batch.labels), losses.distillation_kl(z_s, z_t, T)
+        total = alpha * ce + beta * kd + gamma * fa
+        return total, {"ce": ce.item(), "kd": kd.item(), "fa": fa.item()}
+    return loss_fn
 
 
 if __name__ == "__main__":

@@ -93,3 +93,22 @@ def test_only_feature_term_moves_student_when_alpha_beta_zero():
         total, _ = losses.w2s_loss(h_s, h_s, y, torch.randn(4, 2), h_t, alpha=0.0, beta=0.0, gamma=gamma)
         total.backward()
         assert (student.weight.grad.abs().sum() > 0) == expect_grad
+
+
+def test_all_token_feature_alignment_by_hand_skips_padding():
+    # The experimental lever of bench/calibrate_w2s.py: every real token's final state against the sentence's
+    # teacher feature. Sentence 0: tokens (1,0), (0,1), (1,1) vs h_t (0,0): 1, 1, 2 -> mean 4/3.
+    # Sentence 1: tokens (2,0), (0,0) and a pad (9,9) vs h_t (1,0): 1, 1 -> mean 1. FA = (4/3 + 1) / 2 = 7/6.
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import calibrate_w2s
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    model = SimpleNamespace(backbone=SimpleNamespace(hidden_states=lambda ids, m: hidden), head=torch.nn.Linear(2, 2))
+    batch = SimpleNamespace(inputs=lambda: {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": mask},
+                            labels=torch.tensor([0, 1]), index=torch.tensor([0, 1]))
+    h_t, z_t = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.zeros(2, 2)
+    total, terms = calibrate_w2s.all_token_loss(0.0, 0.0, 1.0, 2.0, z_t, h_t)(model, batch)
+    assert terms["fa"] == pytest.approx(7 / 6, abs=1e-6) and total.item() == pytest.approx(7 / 6, abs=1e-6)
