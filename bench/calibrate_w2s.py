@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attacks  # noqa: E402
+import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
@@ -51,6 +52,13 @@ def main(argv=None) -> None:
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     trigger, _ = w2s.make_triggers(a, args.data_dir)
     dev_asr = w2s.subset(attacks.asr_set(task.dataset.dev, trigger, a.target, random.Random(7)), 150, 0, "dev-asr")
+    # The same 150 sentences WITHOUT the trigger: the share classified as the target is the floor of the dev ASR
+    # (a model with no backdoor left still errs on some of them).
+    dev = task.dataset.dev
+    rows = [i for i, y in enumerate(dev.labels) if y != a.target]
+    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
+    assert len(untriggered) == len(attacks.asr_set(dev, trigger, a.target, random.Random(7)))   # same rows, same draw
+    dev_floor = w2s.subset(untriggered, 150, 0, "dev-asr")
     dev_ca = w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
     print(json.dumps({"seed": a.seed, "triggers": a.triggers, "teacher_dev_acc": teacher["best_dev_acc"]}), flush=True)
     for over in grid:
@@ -66,7 +74,7 @@ def main(argv=None) -> None:
             model.reset_head(torch.Generator().manual_seed(cfg.seed))
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
-        e_ca, e_asr = enc(dev_ca), enc(dev_asr)
+        e_ca, e_asr, e_floor = enc(dev_ca), enc(dev_asr), enc(dev_floor)
 
         def measure():
             ca = train.accuracy(train.predict(model, e_ca, device=device, bf16=cfg.bf16), e_ca.labels)
@@ -91,10 +99,13 @@ def main(argv=None) -> None:
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False, on_eval=on_eval)
         ca, asr = measure()
+        floor = train.attack_success_rate(train.predict(model, e_floor, device=device, bf16=cfg.bf16), e_floor.labels,
+                                          a.target)
         dev_acc = dict(fit.dev_history) if fit else {}
         curve = [[s, round(dev_acc[s], 4), round(c, 3), round(r, 3)] for s, c, r in along]
         over.update({"head": head} if head != "keep" else {}, **({"fa_tokens": fa_tokens} if fa_tokens != "last" else {}))
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
+                          "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
                           **({"curve": curve} if curve else {})}), flush=True)
