@@ -103,7 +103,10 @@ def main(argv=None) -> None:
                                           a.target)
         dev_acc = dict(fit.dev_history) if fit else {}
         curve = [[s, round(dev_acc[s], 4), round(c, 3), round(r, 3)] for s, c, r in along]
-        over.update({"head": head} if head != "keep" else {}, **({"fa_tokens": fa_tokens} if fa_tokens != "last" else {}))
+        if head != "keep":                            # report the experimental levers with the rest
+            over["head"] = head
+        if fa_tokens != "last":
+            over["fa_tokens"] = fa_tokens
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
