@@ -288,14 +288,18 @@ def test_minilm_matches_reference_bert():
 
 # ---------------------------------------------------------------- frozen-prefix cache
 
+def tiny_classifier(style: str, n_layer: int, num_classes: int, seed: int) -> models.Classifier:
+    """A tiny random decoder classifier (grouped-query attention in the Llama style), in eval mode."""
+    seeded(seed)
+    cfg = models.GPTConfig(style=style, vocab_size=50, n_layer=n_layer, n_head=4, n_kv_head=2 if style == "llama" else 4,
+                           d_model=32, d_ff=64, max_seq_len=32)
+    return models.Classifier(models.GPT(cfg), num_classes, generator=seeded(seed + 1)).eval()
+
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_forward_from_a_cached_prefix_equals_the_full_forward(style, padding_side):
     import train
-    seeded(3)
-    cfg = models.GPTConfig(style=style, vocab_size=50, n_layer=4, n_head=4, n_kv_head=2 if style == "llama" else 4,
-                           d_model=32, d_ff=64, max_seq_len=32)
-    clf = models.Classifier(models.GPT(cfg), 3, generator=seeded(4)).eval()
+    clf = tiny_classifier(style, n_layer=4, num_classes=3, seed=3)
     ids = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12]]
     data = train.Encoded(ids, torch.tensor([0, 1, 2, 0]), pad_id=0, padding_side=padding_side)
     memo = {}
@@ -317,13 +321,10 @@ def test_forward_from_a_cached_prefix_equals_the_full_forward(style, padding_sid
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_cast_once_gives_autocast_bit_for_bit_in_inference(style, monkeypatch):
     import lora
-    seeded(5)
-    cfg = models.GPTConfig(style=style, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2 if style == "llama" else 4,
-                           d_model=32, d_ff=64, max_seq_len=32)
-    clf = models.Classifier(models.GPT(cfg), 2, generator=seeded(6)).eval()
+    clf = tiny_classifier(style, n_layer=2, num_classes=2, seed=5)
     lora.inject_lora(clf, targets=("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0, generator=seeded(7))
     bs = [p for name, p in clf.named_parameters() if name.endswith(".B")]
-    assert len(bs) == 2 * cfg.n_layer
+    assert len(bs) == 2 * 2                                    # q and v of 2 blocks
     for p in bs:
         p.data.normal_(generator=seeded(8))                    # a LoRA that is not a no-op
     ids = torch.randint(1, 50, (3, 7), generator=seeded(9))
