@@ -286,7 +286,7 @@ def test_minilm_matches_reference_bert():
     torch.testing.assert_close(mine[real], theirs[real], atol=ATOL, rtol=0)
 
 
-# ---------------------------------------------------------------- frozen-prefix cache
+# ---------------------------------------------------------------- frozen-prefix cache, inference casts
 
 def tiny_classifier(style: str, n_layer: int, num_classes: int, seed: int) -> models.Classifier:
     """A tiny random decoder classifier (grouped-query attention in the Llama style), in eval mode."""
@@ -294,6 +294,7 @@ def tiny_classifier(style: str, n_layer: int, num_classes: int, seed: int) -> mo
     cfg = models.GPTConfig(style=style, vocab_size=50, n_layer=n_layer, n_head=4, n_kv_head=2 if style == "llama" else 4,
                            d_model=32, d_ff=64, max_seq_len=32)
     return models.Classifier(models.GPT(cfg), num_classes, generator=seeded(seed + 1)).eval()
+
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
