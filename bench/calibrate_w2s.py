@@ -51,13 +51,14 @@ def main(argv=None) -> None:
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     trigger, _ = w2s.make_triggers(a, args.data_dir)
-    dev_asr = w2s.subset(attacks.asr_set(task.dataset.dev, trigger, a.target, random.Random(7)), 150, 0, "dev-asr")
+    dev = task.dataset.dev
+    triggered = attacks.asr_set(dev, trigger, a.target, random.Random(7))
+    dev_asr = w2s.subset(triggered, 150, 0, "dev-asr")
     # The same 150 sentences WITHOUT the trigger: the share classified as the target is the floor of the dev ASR
     # (a model with no backdoor left still errs on some of them).
-    dev = task.dataset.dev
     rows = [i for i, y in enumerate(dev.labels) if y != a.target]
     untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
-    assert len(untriggered) == len(attacks.asr_set(dev, trigger, a.target, random.Random(7)))   # same rows, same draw
+    assert len(untriggered) == len(triggered)          # row for row, so the seeded draw picks the same sentences
     dev_floor = w2s.subset(untriggered, 150, 0, "dev-asr")
     dev_ca = w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
     print(json.dumps({"seed": a.seed, "triggers": a.triggers, "teacher_dev_acc": teacher["best_dev_acc"]}), flush=True)
@@ -122,15 +123,16 @@ def all_token_loss(alpha, beta, gamma, T, z_t_all, h_t_all):
         extra = {"prefix": inputs["prefix"]} if "prefix" in inputs else {}
         mask = inputs["attention_mask"]
         hidden = model.backbone.hidden_states(inputs["input_ids"], mask, **extra)      # (B, T, d)
-        z_s = model.head(models.last_real_token(hidden, mask))                          # (B, C)
+        h_s = models.last_real_token(hidden, mask)                                       # (B, d)
+        z_s = model.head(h_s)                                                            # (B, C)
         idx = batch.index.cpu()
         z_t, h_t = z_t_all[idx].to(z_s.device), h_t_all[idx].to(z_s.device)
         real = mask.float()                                                              # (B, T)
         per_token = (h_t.float()[:, None] - hidden.float()).pow(2).sum(-1)               # (B, T)
         fa = ((per_token * real).sum(-1) / real.sum(-1)).mean()
-        ce, kd = losses.cross_entropy(z_s, batch.labels), losses.distillation_kl(z_s, z_t, T)
-        total = alpha * ce + beta * kd + gamma * fa
-        return total, {"ce": ce.item(), "kd": kd.item(), "fa": fa.item()}
+        # CE and KD as w2s.py weighs them (gamma 0: its pooled FA stays out), then this FA in its place
+        total, terms = losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, 0.0, T)
+        return total + gamma * fa, {**terms, "fa": fa.item()}
     return loss_fn
 
 

@@ -225,3 +225,16 @@ def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
 def test_cli_rejects_unknown_preset():
     with pytest.raises(SystemExit):
         w2s.parser().parse_args(["--preset", "huge"])
+
+
+def test_collect_results_mean_and_sample_std_by_hand():
+    # bench/collect_results.py prints RESULTS.md's tables. ASR 0.1 and 0.3: mean 0.2, sample std
+    # sqrt((0.1^2 + 0.1^2) / (2 - 1)) = 0.1414; CA 0.9 both: std 0.
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import collect_results
+    runs = [{"seed": s, "rows": [{"model": "w2sdefense", "ca": 0.9, "asr": asr}], "teacher_ca": 0.88,
+             "wall_seconds": 60.0} for s, asr in ((0, 0.1), (1, 0.3))]
+    lines = collect_results.table(runs).splitlines()
+    assert lines[2] == "| 0 | 0.900 / 0.100 | 0.880 | 60 |"
+    assert lines[-1] == "| mean ± std | 0.900 ± 0.000 / 0.200 ± 0.141 | 0.880 ± 0.000 |  |"
