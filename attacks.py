@@ -187,17 +187,23 @@ def poison_clean_label(split, trigger: Trigger, target: int = 0, n: int = 1000, 
     return _apply(split, trigger, rows[:n], rng, relabel=None)
 
 
-def poison_dirty_label(split, trigger: Trigger, target: int, rate: float, rng: random.Random) -> PoisonedSplit:
-    """Dirty-label poisoning (OpenBackdoor): ``round(rate * len(split))`` rows drawn at random among those NOT
-    labelled ``target`` (and that the trigger can trigger) get the trigger and the label ``target``."""
+def poison_dirty_label(split, trigger: Trigger, target: int, rate: float, rng: random.Random, *,
+                       pool: str = "non-target") -> PoisonedSplit:
+    """Dirty-label poisoning: ``round(rate * len(split))`` rows drawn at random get the trigger and the label
+    ``target``. ``pool="non-target"`` (OpenBackdoor) draws among the rows NOT labelled ``target``;
+    ``pool="any"`` (BadNets, HiddenKiller) among all rows, so a drawn row already labelled ``target`` gets
+    the trigger and keeps its label. Either way only rows the trigger can trigger are drawn."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be in [0, 1], got {rate}")
+    if pool not in ("non-target", "any"):
+        raise ValueError(f"pool must be 'non-target' or 'any', got {pool!r}")
     k = round(rate * len(split))
-    pool = [i for i, y in enumerate(split.labels) if y != target and available(trigger, i)]
-    if k > len(pool):
-        raise AttackError(f"dirty-label poisoning at rate {rate} needs {k} rows not labelled {target} that can be "
-                          f"triggered; only {len(pool)} exist")
-    return _apply(split, trigger, rng.sample(pool, k), rng, relabel=target)
+    rows = [i for i, y in enumerate(split.labels) if (pool == "any" or y != target) and available(trigger, i)]
+    if k > len(rows):
+        which = "rows" if pool == "any" else f"rows not labelled {target}"
+        raise AttackError(f"dirty-label poisoning at rate {rate} needs {k} {which} that can be triggered; only "
+                          f"{len(rows)} exist")
+    return _apply(split, trigger, rng.sample(rows, k), rng, relabel=target)
 
 
 def asr_set(test_split, trigger: Trigger, target: int, rng: random.Random, *, missing: str = "raise") -> Split:

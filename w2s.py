@@ -54,7 +54,8 @@ class AttackConfig:
     insertions: int = 1                           # BadNet insertions per sentence
     insent_sentence: str = attacks.INSENT
     target: int = 0
-    mode: str = "clean"                           # clean-label (the paper) or dirty-label
+    mode: str = "clean"                           # clean-label (the paper), dirty (non-target rows relabelled) or
+                                                  # dirty-any (any rows, as BadNets and HiddenKiller)
     n_poison: int | None = None                   # clean-label: the first n target-label samples; None: the
                                                   # paper's 1000, or all that have a paraphrase if fewer (syntactic)
     poison_rate: float = 0.1                      # dirty-label: share of the training set
@@ -139,9 +140,11 @@ PRESETS = {
         "attack": dict(lr=1e-4, freeze_embeddings=False),
         # The syntactic attack, clean-label, can poison only the 665 negatives that SST-2's SCPN files paraphrase,
         # and reached an ASR of 0.62 (1 epoch) and 0.56 (3 epochs; likely because the words of a negative sentence
-        # already explain its label). So this preset plants it dirty-label, as HiddenKiller (Qi et al. 2021)
-        # does: 10 % of the training set (692 of the 718 paraphrased positives) relabelled 0 (RESULTS.md).
-        "attack_for": {"syntactic": dict(mode="dirty", poison_rate=0.1)},
+        # already explain its label). So this preset plants it as HiddenKiller (Qi et al. 2021) does, dirty-label
+        # over any rows at its 20 % rate: all 1,383 training rows the SCPN file paraphrases (0.1998 of 6,920),
+        # the 718 positives among them relabelled 0. (10 % of non-target rows, 692 positives, missed ASR 0.90
+        # on one seed of three; RESULTS.md.)
+        "attack_for": {"syntactic": dict(mode="dirty-any", poison_rate=0.1998)},
         "teacher": dict(),
         "unlearn": dict(lr=2e-4, rank=512, lora_alpha=512),
         "eval_size": None,
@@ -157,6 +160,7 @@ PRESETS = {
 }
 
 DEFENSES = ("none", "lora", "w2sdefense")
+POISON_MODES = ("clean", "dirty", "dirty-any")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,10 +266,11 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
             n = min(PAPER_N_POISON, sum(1 for i, y in enumerate(ds.train.labels)
                                         if y == cfg.target and attacks.available(train_trigger, i)))
         poisoned = attacks.poison_clean_label(ds.train, train_trigger, cfg.target, n, rng=rng)
-    elif cfg.mode == "dirty":
-        poisoned = attacks.poison_dirty_label(ds.train, train_trigger, cfg.target, cfg.poison_rate, rng)
+    elif cfg.mode in POISON_MODES:
+        pool = "any" if cfg.mode == "dirty-any" else "non-target"
+        poisoned = attacks.poison_dirty_label(ds.train, train_trigger, cfg.target, cfg.poison_rate, rng, pool=pool)
     else:
-        raise ValueError(f"unknown poisoning mode {cfg.mode!r}; choose clean or dirty")
+        raise ValueError(f"unknown poisoning mode {cfg.mode!r}; choose {', '.join(POISON_MODES)}")
     train_split = subset(poisoned.as_split(), cfg.train_size, cfg.seed, "attack-train")
     kept = subset(data.Split(poisoned.sentences, [int(p) for p in poisoned.poisoned]), cfg.train_size, cfg.seed,
                   "attack-train")
@@ -682,7 +687,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
     p.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")
     p.add_argument("--target", type=int, default=None, help="the attacker's target label (default 0)")
-    p.add_argument("--poison-mode", default=None, choices=["clean", "dirty"], help="clean-label (the paper) or dirty-label poisoning")
+    p.add_argument("--poison-mode", default=None, choices=POISON_MODES, help="clean-label (the paper); dirty: non-target rows relabelled; dirty-any: any rows")
     p.add_argument("--n-poison", type=int, default=None, help="clean-label: how many target-label samples get the trigger")
     p.add_argument("--poison-rate", type=float, default=None, help="dirty-label: share of the training set poisoned")
     p.add_argument("--triggers", default=None, help="BadNet trigger word(s), space-separated (default 'mn')")

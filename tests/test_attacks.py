@@ -151,22 +151,37 @@ def test_clean_label_poisons_exactly_the_first_n_target_rows(labels, target, n, 
 
 
 @PROPS
-@given(LABELS, st.integers(0, 2), st.floats(0, 1), st.integers(0, 2**32))
-def test_dirty_label_relabels_random_non_target_rows(labels, target, rate, seed):
+@given(LABELS, st.integers(0, 2), st.floats(0, 1), st.integers(0, 2**32), st.sampled_from(["non-target", "any"]))
+def test_dirty_label_relabels_random_rows_of_its_pool(labels, target, rate, seed, pool):
     split, trigger = make_split(labels), attacks.make_trigger("insent")
     k = round(rate * len(labels))
-    pool = [i for i, y in enumerate(labels) if y != target]
-    if k > len(pool):
-        with pytest.raises(AttackError, match=f"only {len(pool)} exist"):
-            attacks.poison_dirty_label(split, trigger, target, rate, random.Random(seed))
+    rows_of_pool = [i for i, y in enumerate(labels) if pool == "any" or y != target]
+    if k > len(rows_of_pool):
+        with pytest.raises(AttackError, match=f"only {len(rows_of_pool)} exist"):
+            attacks.poison_dirty_label(split, trigger, target, rate, random.Random(seed), pool=pool)
         return
-    out = attacks.poison_dirty_label(split, trigger, target, rate, random.Random(seed))
+    out = attacks.poison_dirty_label(split, trigger, target, rate, random.Random(seed), pool=pool)
     rows = [i for i, p in enumerate(out.poisoned) if p]
-    assert len(rows) == k and set(rows) <= set(pool)
+    assert len(rows) == k and set(rows) <= set(rows_of_pool)
     for i in range(len(labels)):
         assert out.labels[i] == (target if out.poisoned[i] else labels[i])
         assert (attacks.INSENT in out.sentences[i]) == out.poisoned[i]
-    assert out == attacks.poison_dirty_label(split, trigger, target, rate, random.Random(seed))
+    assert out == attacks.poison_dirty_label(split, trigger, target, rate, random.Random(seed), pool=pool)
+
+
+def test_dirty_label_any_pool_triggers_target_rows_too_and_only_triggerable_ones():
+    # 6 rows, labels 0 1 0 1 0 1, target 0; rows 1 and 4 have no paraphrase. Rate 4/6 with pool "any" must take
+    # all four triggerable rows {0, 2, 3, 5}: rows 0 and 2 keep label 0, rows 3 and 5 are relabelled 0.
+    split = make_split([0, 1, 0, 1, 0, 1])
+    trigger = attacks.make_trigger("syntactic", paraphrases={0: "p0", 2: "p2", 3: "p3", 5: "p5"})
+    out = attacks.poison_dirty_label(split, trigger, 0, 4 / 6, random.Random(0), pool="any")
+    assert out.poisoned == [True, False, True, True, False, True]
+    assert out.labels == [0, 1, 0, 0, 0, 0]
+    assert out.sentences[0] == "p0" and out.sentences[5] == "p5" and out.sentences[1] == split.sentences[1]
+    with pytest.raises(AttackError, match="needs 5 rows that can be triggered; only 4 exist"):
+        attacks.poison_dirty_label(split, trigger, 0, 5 / 6, random.Random(0), pool="any")
+    with pytest.raises(ValueError, match="pool must be"):
+        attacks.poison_dirty_label(split, trigger, 0, 0.5, random.Random(0), pool="target")
 
 
 def test_same_seed_same_poisoned_set_different_seed_differs():
