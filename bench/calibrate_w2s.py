@@ -9,10 +9,13 @@ lora or none); each is trained on the defender's clean subset, selected on clean
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
 sentences. The test set is never read. One JSON line per entry.
 
-Two levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
+Four levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
 poisoned one; ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
-sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature).
+sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature);
+``"fa_block": k`` aligns the last real token's state after block k (0-based), read through the final norm as the
+head would read it, instead of the final one (the head still reads the final state); ``"gamma_ramp": f`` raises
+gamma linearly from 0 to its value over the first fraction f of the steps (weak first, then strong).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -67,6 +70,8 @@ def main(argv=None) -> None:
         defense = over.pop("defense", "w2sdefense")
         head = over.pop("head", "keep")
         fa_tokens = over.pop("fa_tokens", "last")
+        fa_block = over.pop("fa_block", None)
+        gamma_ramp = over.pop("gamma_ramp", 0.0)
         cfg = dataclasses.replace(u, **over)
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
@@ -97,6 +102,9 @@ def main(argv=None) -> None:
                 loss_fn = w2s.unlearning_loss(al, be, ga, cfg.T, z_t, h_t, w2s.fa_distance(cfg))
                 if fa_tokens == "all":
                     loss_fn = all_token_loss(al, be, ga, cfg.T, z_t, h_t)
+                if fa_block is not None or gamma_ramp:
+                    steps = round(cfg.epochs * -(-len(clean) // cfg.batch_size))
+                    loss_fn = block_ramp_loss(al, be, ga, cfg.T, z_t, h_t, fa_block, round(gamma_ramp * steps))
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False, on_eval=on_eval)
         ca, asr = measure()
@@ -108,6 +116,10 @@ def main(argv=None) -> None:
             over["head"] = head
         if fa_tokens != "last":
             over["fa_tokens"] = fa_tokens
+        if fa_block is not None:
+            over["fa_block"] = fa_block
+        if gamma_ramp:
+            over["gamma_ramp"] = gamma_ramp
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -133,6 +145,32 @@ def all_token_loss(alpha, beta, gamma, T, z_t_all, h_t_all):
         # CE and KD as w2s.py weighs them (gamma 0: its pooled FA stays out), then this FA in its place
         total, terms = losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, 0.0, T)
         return total + gamma * fa, {**terms, "fa": fa.item()}
+    return loss_fn
+
+
+def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_steps=0):
+    """``alpha*CE + beta*KD + gamma_t*FA(h_block, h_t)``: FA on ``norm_f(x_block)`` at the last real token, x_block
+    the residual stream after block ``block`` (None: the pooled final feature, as w2s.py); ``gamma_t = gamma *
+    min(1, t / ramp_steps)`` at the t-th call (1-based; one call per optimizer step), ``gamma`` if ramp_steps is 0."""
+    calls = [0]
+
+    def loss_fn(model, batch):
+        calls[0] += 1
+        seen = {}
+        hook = None
+        if block is not None:
+            hook = model.backbone.blocks[block].register_forward_hook(lambda m, i, out: seen.update(x=out))
+        try:
+            z_s, h_s = model(**batch.inputs(), return_features=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if block is not None:
+            h_s = models.last_real_token(model.backbone.norm_f(seen["x"]), batch.inputs()["attention_mask"])
+        idx = batch.index.cpu()
+        z_t, h_t = z_t_all[idx].to(z_s.device), h_t_all[idx].to(z_s.device)
+        g = gamma * min(1.0, calls[0] / ramp_steps) if ramp_steps else gamma
+        return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, g, T)
     return loss_fn
 
 

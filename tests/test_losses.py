@@ -112,3 +112,32 @@ def test_all_token_feature_alignment_by_hand_skips_padding():
     h_t, z_t = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.zeros(2, 2)
     total, terms = calibrate_w2s.all_token_loss(0.0, 0.0, 1.0, 2.0, z_t, h_t)(model, batch)
     assert terms["fa"] == pytest.approx(7 / 6, abs=1e-6) and total.item() == pytest.approx(7 / 6, abs=1e-6)
+
+
+def test_block_feature_and_gamma_ramp_of_the_calibration_levers():
+    # bench/calibrate_w2s.py's block_ramp_loss (experimental levers). FA reads the last real token of
+    # norm_f(block-1 output); with alpha = beta = 0 the total is gamma_t * FA and gamma_t = gamma * min(1, t / 4).
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import calibrate_w2s
+    from test_models import tiny_classifier
+    import models
+    clf = tiny_classifier("llama", n_layer=3, num_classes=2, seed=4)
+    ids, mask = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    batch = SimpleNamespace(inputs=lambda: {"input_ids": ids, "attention_mask": mask},
+                            labels=torch.tensor([0, 1]), index=torch.tensor([1, 0]))
+    h_t_all, z_t_all = torch.randn(2, 32), torch.zeros(2, 2)
+    with torch.no_grad():
+        h_mid = models.last_real_token(clf.backbone.norm_f(clf.backbone.hidden_states(ids, mask, layer=1)), mask)
+        h_end = clf.features(ids, mask)
+    expect = (h_mid - h_t_all[[1, 0]]).pow(2).sum(-1).mean().item()
+    loss = calibrate_w2s.block_ramp_loss(0.0, 0.0, 2.0, 2.0, z_t_all, h_t_all, block=1, ramp_steps=4)
+    for t in (1, 2, 3, 4, 5):
+        total, terms = loss(clf, batch)
+        assert terms["fa"] == pytest.approx(expect, rel=1e-5)
+        assert total.item() == pytest.approx(2.0 * min(1, t / 4) * expect, rel=1e-5)
+    total, terms = calibrate_w2s.block_ramp_loss(0.0, 0.0, 1.0, 2.0, z_t_all, h_t_all)(clf, batch)   # final feature
+    assert terms["fa"] == pytest.approx((h_end - h_t_all[[1, 0]]).pow(2).sum(-1).mean().item(), rel=1e-5)
+    assert not clf.backbone.blocks[1]._forward_hooks                 # the hook is removed after each call
