@@ -50,7 +50,7 @@ def test_precision_option_sets_every_stage(precision, expected):
 
 @pytest.mark.parametrize("extra, mode", [
     (["--attack", "badnet"], "clean"),
-    (["--attack", "syntactic"], "dirty"),                            # the cpu preset's per-attack setting
+    (["--attack", "syntactic"], "dirty-any"),                        # the cpu preset's per-attack setting
     (["--attack", "syntactic", "--poison-mode", "clean"], "clean"),  # ... which the user's option overrides
     (["--attack", "syntactic", "--preset", "paper"], "clean"),       # the paper's attacker is clean-label
 ])
@@ -65,7 +65,8 @@ def test_preset_poisoning_mode_per_attack(extra, mode):
     (["--n-poison", "0", "--defense", "none"], "badnet-sst2-cpu-seed0-clean-defense-none"),
     (["--poison-mode", "dirty", "--poison-rate", "0", "--defense", "none"],
      "badnet-sst2-cpu-seed0-dirty-label-clean-defense-none"),
-    (["--attack", "syntactic"], "syntactic-sst2-cpu-seed0"),                    # dirty-label is its preset's mode
+    (["--attack", "syntactic"], "syntactic-sst2-cpu-seed0"),                    # dirty-any is its preset's mode
+    (["--attack", "syntactic", "--poison-mode", "dirty"], "syntactic-sst2-cpu-seed0-dirty-label"),
     (["--attack", "syntactic", "--poison-mode", "clean"], "syntactic-sst2-cpu-seed0-clean-label"),
     (["--defense", "lora"], "badnet-sst2-cpu-seed0-defense-lora"),
     (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
