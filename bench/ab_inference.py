@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ab_inference.py --change cast_once --threads 2
     .venv/bin/python bench/ab_inference.py --change rope --threads 2
+    .venv/bin/python bench/ab_inference.py --change rmsnorm --threads 2
 
 The default student (SmolLM2-135M, random 2-class head, frozen weights held in bf16 as ``train.predict`` holds
 them) on the same length-bucketed SST-2 batches as ``bench_vs_hf.py``. The "before" arm puts back the code the
@@ -11,7 +12,8 @@ bit equal first. Prints tokens/s per arm (median over rounds) and their ratio, p
 
 - ``cast_once``: ``models.cast_once`` against plain autocast (a cast at every product that reads the input);
 - ``rope``: the signed sin table (``x*cos + [x2, x1]*[-sin, sin]``) against the textbook rotate-half
-  (``x*cos + [-x2, x1]*sin``, one negation more per call).
+  (``x*cos + [-x2, x1]*sin``, one negation more per call);
+- ``rmsnorm``: ``F.rms_norm`` against the formula written out in five kernels.
 """
 
 from __future__ import annotations
@@ -39,23 +41,30 @@ def _apply_rope_textbook(x, cos, sin):
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-# What each change replaced: module attributes of ``models`` for the "before" arm.
+def _rmsnorm_forward_by_formula(self, x):
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (self.weight * y).to(x.dtype)
+
+
+# What each change replaced: (owner, attribute, the code before) for the "before" arm.
 BEFORE = {
-    "cast_once": {"cast_once": lambda h: h},
-    "rope": {"rope_cos_sin": _rope_cos_sin_textbook, "apply_rope": _apply_rope_textbook},
+    "cast_once": [(models, "cast_once", lambda h: h)],
+    "rope": [(models, "rope_cos_sin", _rope_cos_sin_textbook), (models, "apply_rope", _apply_rope_textbook)],
+    "rmsnorm": [(models.RMSNorm, "forward", _rmsnorm_forward_by_formula)],
 }
 
 
 @contextlib.contextmanager
-def patched(attrs: dict):
-    saved = {name: getattr(models, name) for name in attrs}
-    for name, fn in attrs.items():
-        setattr(models, name, fn)
+def patched(replacements: list):
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    for owner, name, fn in replacements:
+        setattr(owner, name, fn)
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(models, name, fn)
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def main(argv=None) -> None:
@@ -70,7 +79,7 @@ def main(argv=None) -> None:
     cfg = hfbench.BenchConfig()
     gpt, tokenizer = models.load_student(cfg.student)
     clf = models.Classifier(gpt, hfbench.N_LABELS, generator=torch.Generator().manual_seed(cfg.seed)).eval()
-    arms = {"after": {}, "before": BEFORE[args.change]}
+    arms = {"after": [], "before": BEFORE[args.change]}
     print(f"{common.cpu_name()}, torch {torch.__version__}, threads {threads}, change {args.change}", flush=True)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         batches = hfbench.make_batches(tokenizer, cfg, bs, args.batches)
