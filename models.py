@@ -99,7 +99,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
-
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float):
     """Rotary position embedding tables (Su et al. 2021) for integer ``positions`` of shape (B, T).
 
