@@ -83,12 +83,7 @@ class BertConfig:
 # ----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * w``, computed in float32.
-
-    Written out, ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w`` is five kernels, each a pass over x;
-    ``F.rms_norm`` is one call that gives the same floats, forward and backward, bit for bit (checked against
-    the written-out formula in tests/test_models.py).
-    """
+    """RMSNorm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * w``, computed in float32."""
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -96,29 +91,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * y).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float):
     """Rotary position embedding tables (Su et al. 2021) for integer ``positions`` of shape (B, T).
 
-    Frequencies ``theta_i = base^(-2i/d)``; returns ``cos`` and a SIGNED ``sin``, each (B, 1, T, head_dim),
-    laid out in the "rotate half" convention: the first half of a head pairs with the second half. The sin
-    table is ``[-sin, sin]`` over the two halves, so that ``apply_rope`` needs no negation (see there).
+    Frequencies ``theta_i = base^(-2i/d)``; returns cos and sin of shape (B, 1, T, head_dim), laid out
+    in the "rotate half" convention: the first half of a head pairs with the second half.
     """
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[..., None] * inv_freq          # (B, T, hd/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]   # (B, 1, T, hd)
+    angles = torch.cat([angles, angles], dim=-1)               # (B, T, hd)
+    return angles.cos()[:, None], angles.sin()[:, None]        # (B, 1, T, hd)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x_i, x_{i+d/2}) pair of ``x`` (B, nh, T, hd) by its position's angle:
-    ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``, i.e. ``x * cos + [x2, x1] * [-sin, sin]`` with the
-    signed table of ``rope_cos_sin``. (``-x2 * sin`` and ``x2 * -sin`` are the same float, so this is bit for
-    bit the textbook ``x * cos + [-x2, x1] * sin``, one negation per call cheaper.)"""
+    """Rotate each (x_i, x_{i+d/2}) pair of ``x`` (B, nh, T, hd) by its position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def attention(q, k, v, mask=None, causal: bool = False):

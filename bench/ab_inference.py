@@ -1,8 +1,6 @@
 """A/B of one exact inference change against what it replaced: our bf16 inference, the two arms alternating.
 
     .venv/bin/python bench/ab_inference.py --change cast_once --threads 2
-    .venv/bin/python bench/ab_inference.py --change rope --threads 2
-    .venv/bin/python bench/ab_inference.py --change rmsnorm --threads 2
 
 The default student (SmolLM2-135M, random 2-class head, frozen weights held in bf16 as ``train.predict`` holds
 them) on the same length-bucketed SST-2 batches as ``bench_vs_hf.py``. The "before" arm puts back the code the
@@ -10,10 +8,10 @@ change replaced (``BEFORE`` below); the two arms alternate in one process (``--r
 dropped as warm-up), so a change of machine speed hits both alike, and their outputs are checked to be bit for
 bit equal first. Prints tokens/s per arm (median over rounds) and their ratio, per batch size.
 
-- ``cast_once``: ``models.cast_once`` against plain autocast (a cast at every product that reads the input);
-- ``rope``: the signed sin table (``x*cos + [x2, x1]*[-sin, sin]``) against the textbook rotate-half
-  (``x*cos + [-x2, x1]*sin``, one negation more per call);
-- ``rmsnorm``: ``F.rms_norm`` against the formula written out in five kernels.
+- ``cast_once``: ``models.cast_once`` against plain autocast (a cast at every product that reads the input).
+
+A change that does not pay is taken out again, and its arm with it; two such (a rotary table with the sign
+folded in, ``F.rms_norm``: RESULTS.md) are measured at commit 39c5460.
 """
 
 from __future__ import annotations
@@ -29,29 +27,9 @@ import models
 import torch
 
 
-def _rope_cos_sin_textbook(positions, head_dim, base):
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos()[:, None], angles.sin()[:, None]
-
-
-def _apply_rope_textbook(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-
-def _rmsnorm_forward_by_formula(self, x):
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-    return (self.weight * y).to(x.dtype)
-
-
 # What each change replaced: (owner, attribute, the code before) for the "before" arm.
 BEFORE = {
     "cast_once": [(models, "cast_once", lambda h: h)],
-    "rope": [(models, "rope_cos_sin", _rope_cos_sin_textbook), (models, "apply_rope", _apply_rope_textbook)],
-    "rmsnorm": [(models.RMSNorm, "forward", _rmsnorm_forward_by_formula)],
 }
 
 
