@@ -266,7 +266,7 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
             n = min(PAPER_N_POISON, sum(1 for i, y in enumerate(ds.train.labels)
                                         if y == cfg.target and attacks.available(train_trigger, i)))
         poisoned = attacks.poison_clean_label(ds.train, train_trigger, cfg.target, n, rng=rng)
-    elif cfg.mode in POISON_MODES:
+    elif cfg.mode in ("dirty", "dirty-any"):
         pool = "any" if cfg.mode == "dirty-any" else "non-target"
         poisoned = attacks.poison_dirty_label(ds.train, train_trigger, cfg.target, cfg.poison_rate, rng, pool=pool)
     else:
