@@ -147,6 +147,9 @@ PRESETS = {
         "attack_for": {"syntactic": dict(mode="dirty-any", poison_rate=0.1998)},
         "teacher": dict(),
         "unlearn": dict(lr=2e-4, rank=512, lora_alpha=512),
+        # InSent's loss weights, chosen on dev with a held-out trigger sentence over seeds 0-2, per attack as the
+        # authors' are (bench/calibration/README.md); the other attacks keep the weights chosen on BadNet `cf`.
+        "unlearn_for": {"insent": dict(alpha=10.0, gamma=0.1)},
         "eval_size": None,
     },
     # The authors' settings, for a GPU (REFERENCE.md §1).
@@ -559,7 +562,7 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     p = PRESETS[args.preset]
     a = preset_attack(args.preset, args.attack)
     t = TeacherConfig(**p["teacher"])
-    u = UnlearnConfig(**p["unlearn"])
+    u = UnlearnConfig(**{**p["unlearn"], **p.get("unlearn_for", {}).get(args.attack, {})})
     common = dict(seed=args.seed)
     a = dataclasses.replace(a, **common, **_given(args, {
         "student": "student", "dataset": "dataset", "attack": "attack", "target": "target", "mode": "poison_mode",

@@ -59,6 +59,17 @@ def test_preset_poisoning_mode_per_attack(extra, mode):
     assert a.mode == mode
 
 
+@pytest.mark.parametrize("extra, weights", [
+    (["--attack", "badnet"], (5.0, 0.001, 0.05)),
+    (["--attack", "insent"], (10.0, 0.001, 0.1)),                            # the cpu preset's per-attack weights
+    (["--attack", "insent", "--gamma", "0.02"], (10.0, 0.001, 0.02)),   # ... which the user's option overrides
+    (["--attack", "syntactic"], (5.0, 0.001, 0.05)),
+])
+def test_preset_loss_weights_per_attack(extra, weights):
+    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", *extra]))
+    assert (u.alpha, u.beta, u.gamma) == weights
+
+
 @pytest.mark.parametrize("extra, name", [
     ([], "badnet-sst2-cpu-seed0"),
     (["--seed", "2", "--attack", "insent"], "insent-sst2-cpu-seed2"),
