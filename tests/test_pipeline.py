@@ -61,7 +61,7 @@ def test_preset_poisoning_mode_per_attack(extra, mode):
 
 @pytest.mark.parametrize("extra, weights", [
     (["--attack", "badnet"], (5.0, 0.001, 0.05)),
-    (["--attack", "insent"], (10.0, 0.001, 0.1)),                            # the cpu preset's per-attack weights
+    (["--attack", "insent"], (10.0, 0.001, 0.1)),                       # the cpu preset's per-attack weights
     (["--attack", "insent", "--gamma", "0.02"], (10.0, 0.001, 0.02)),   # ... which the user's option overrides
     (["--attack", "syntactic"], (5.0, 0.001, 0.05)),
 ])
