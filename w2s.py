@@ -146,10 +146,9 @@ PRESETS = {
         # on one seed of three; RESULTS.md.)
         "attack_for": {"syntactic": dict(mode="dirty-any", poison_rate=0.1998)},
         "teacher": dict(),
+        # One set of loss weights for every attack (UnlearnConfig's, chosen once on dev with BadNet `cf`): a
+        # defender does not know the trigger, so the defense may not be tuned per attack (RESULTS.md).
         "unlearn": dict(lr=2e-4, rank=512, lora_alpha=512),
-        # InSent's loss weights, chosen on dev with a held-out trigger sentence over seeds 0-2, per attack as the
-        # authors' are (bench/calibration/README.md); the other attacks keep the weights chosen on BadNet `cf`.
-        "unlearn_for": {"insent": dict(alpha=10.0, gamma=0.1)},
         "eval_size": None,
     },
     # The authors' settings, for a GPU (REFERENCE.md §1).
@@ -562,7 +561,7 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     p = PRESETS[args.preset]
     a = preset_attack(args.preset, args.attack)
     t = TeacherConfig(**p["teacher"])
-    u = UnlearnConfig(**{**p["unlearn"], **p.get("unlearn_for", {}).get(args.attack, {})})
+    u = UnlearnConfig(**p["unlearn"])
     common = dict(seed=args.seed)
     a = dataclasses.replace(a, **common, **_given(args, {
         "student": "student", "dataset": "dataset", "attack": "attack", "target": "target", "mode": "poison_mode",

@@ -61,13 +61,15 @@ def test_preset_poisoning_mode_per_attack(extra, mode):
 
 @pytest.mark.parametrize("extra, weights", [
     (["--attack", "badnet"], (5.0, 0.001, 0.05)),
-    (["--attack", "insent"], (10.0, 0.001, 0.1)),                       # the cpu preset's per-attack weights
-    (["--attack", "insent", "--gamma", "0.02"], (10.0, 0.001, 0.02)),   # ... which the user's option overrides
-    (["--attack", "syntactic"], (5.0, 0.001, 0.05)),
+    (["--attack", "insent"], (5.0, 0.001, 0.05)),        # one set for every attack: the defender
+    (["--attack", "syntactic"], (5.0, 0.001, 0.05)),     # does not know the trigger
+    (["--attack", "insent", "--alpha", "10", "--gamma", "0.1"], (10.0, 0.001, 0.1)),   # the user's options win
+    (["--attack", "insent", "--weights", "authors"], (3.0, 0.01, 0.001)),            # the authors' table
 ])
-def test_preset_loss_weights_per_attack(extra, weights):
-    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", *extra]))
-    assert (u.alpha, u.beta, u.gamma) == weights
+def test_preset_loss_weights_same_for_every_attack(extra, weights):
+    args = w2s.parser().parse_args(["--precision", "fp32", *extra])
+    a, _, u, _ = w2s.resolve_configs(args)
+    assert w2s.resolve_weights(u, a.attack, "w2sdefense") == weights
 
 
 @pytest.mark.parametrize("extra, name", [
