@@ -105,13 +105,20 @@ def collate(data: Encoded, index: list[int]) -> Batch:
 
 
 @torch.no_grad()
-def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: int = 64,
-                 memo: dict | None = None, memo_key=None, progress: bool = True, bf16: bool = False) -> Encoded:
+def cache_prefix(model, data: Encoded, layers: int, device="cpu", memo: dict | None = None, memo_key=None,
+                 progress: bool = True, bf16: bool = False) -> Encoded:
     """``data`` with each row's residual stream after the first ``layers`` blocks of ``model`` (a decoder
     ``Classifier``), computed once. Valid only while those blocks stay frozen; then every later forward
     (``model(**batch.inputs())``) starts at block ``layers`` and gives the same result, ``layers`` blocks
     cheaper. ``layers = 0`` returns ``data`` unchanged. States are kept in float32 on the CPU. ``bf16``: compute
     them under bf16 autocast, as the forwards that will start from them (the residual stream itself stays float32).
+
+    Each sentence is run alone, unpadded, so that its states depend on the sentence only. In a batch they would
+    also depend on its batch-mates: the padded length and the number of rows change which matrix-product
+    kernel runs, and so the rounding (in bf16, 81 of 300 sentences came out different with other batch-mates;
+    bench/prefix_invariance.py). A run whose attack stage is cached sees the defender's sentences in other
+    company than a first run does, and gave other last digits. Alone is three to four times slower (about 30 ms
+    a sentence for the quick preset's 24 blocks on 2 cores), and the same bits every time.
 
     ``memo``: a dict shared between calls whose models have the same first ``layers`` blocks (name them by
     ``memo_key``); a sentence seen before is looked up, not recomputed.
@@ -126,17 +133,13 @@ def cache_prefix(model, data: Encoded, layers: int, device="cpu", batch_size: in
     todo = [i for i in range(len(data)) if key(i) not in memo]
     was_training = model.training
     model.eval()
-    sub = dataclasses.replace(data, ids=[data.ids[i] for i in todo], labels=data.labels[todo] if todo else data.labels[:0])
-    n_batches = math.ceil(len(sub) / batch_size)
     with bf16_weights(model, enabled=bf16, frozen_only=False):
-        for b in tqdm(batches(sub, batch_size), total=n_batches, desc=f"frozen prefix ({layers} blocks)",
-                      leave=False, disable=not progress or n_batches < 10, dynamic_ncols=True):
+        for i in tqdm(todo, desc=f"frozen prefix ({layers} blocks)", leave=False,
+                      disable=not progress or len(todo) < 500, dynamic_ncols=True):
+            ids = torch.tensor([data.ids[i]], device=device)                          # (1, n): no padding
             with autocast(device, bf16):
-                x = model.backbone.hidden_states(b.input_ids.to(device), b.attention_mask.to(device), layer=layers - 1)
-            x = x.float().cpu()
-            for r, j in enumerate(b.index.tolist()):
-                n = len(sub.ids[j])
-                memo[key(todo[j])] = (x[r, -n:] if data.padding_side == "left" else x[r, :n]).clone()
+                x = model.backbone.hidden_states(ids, layer=layers - 1)
+            memo[key(i)] = x[0].float().cpu()
     model.train(was_training)
     return dataclasses.replace(data, prefix=[memo[key(i)] for i in range(len(data))], prefix_layers=layers)
 
