@@ -9,13 +9,15 @@ lora or none); each is trained on the defender's clean subset, selected on clean
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
 sentences. The test set is never read. One JSON line per entry.
 
-Four levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
+Five levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
 poisoned one; ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
 sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature);
 ``"fa_block": k`` aligns the last real token's state after block k (0-based), read through the final norm as the
 head would read it, instead of the final one (the head still reads the final state); ``"gamma_ramp": f`` raises
-gamma linearly from 0 to its value over the first fraction f of the steps (weak first, then strong).
+gamma linearly from 0 to its value over the first fraction f of the steps (weak first, then strong);
+``"gamma_decay": g`` lowers gamma linearly from its value at the first step to g at the last (strong first, then
+weak: pull the features hard while the backdoor is there, then let the cross-entropy restore clean accuracy).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -72,6 +74,7 @@ def main(argv=None) -> None:
         fa_tokens = over.pop("fa_tokens", "last")
         fa_block = over.pop("fa_block", None)
         gamma_ramp = over.pop("gamma_ramp", 0.0)
+        gamma_decay = over.pop("gamma_decay", None)
         cfg = dataclasses.replace(u, **over)
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
@@ -102,9 +105,10 @@ def main(argv=None) -> None:
                 loss_fn = w2s.unlearning_loss(al, be, ga, cfg.T, z_t, h_t, w2s.fa_distance(cfg))
                 if fa_tokens == "all":
                     loss_fn = all_token_loss(al, be, ga, cfg.T, z_t, h_t)
-                if fa_block is not None or gamma_ramp:
+                if fa_block is not None or gamma_ramp or gamma_decay is not None:
                     steps = round(cfg.epochs * -(-len(clean) // cfg.batch_size))
-                    loss_fn = block_ramp_loss(al, be, ga, cfg.T, z_t, h_t, fa_block, round(gamma_ramp * steps))
+                    loss_fn = block_ramp_loss(al, be, ga, cfg.T, z_t, h_t, fa_block, round(gamma_ramp * steps),
+                                              gamma_decay, steps)
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False, on_eval=on_eval)
         ca, asr = measure()
@@ -120,6 +124,8 @@ def main(argv=None) -> None:
             over["fa_block"] = fa_block
         if gamma_ramp:
             over["gamma_ramp"] = gamma_ramp
+        if gamma_decay is not None:
+            over["gamma_decay"] = gamma_decay
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -148,10 +154,12 @@ def all_token_loss(alpha, beta, gamma, T, z_t_all, h_t_all):
     return loss_fn
 
 
-def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_steps=0):
+def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_steps=0, decay_to=None, steps=0):
     """``alpha*CE + beta*KD + gamma_t*FA(h_block, h_t)``: FA on ``norm_f(x_block)`` at the last real token, x_block
-    the residual stream after block ``block`` (None: the pooled final feature, as w2s.py); ``gamma_t = gamma *
-    min(1, t / ramp_steps)`` at the t-th call (1-based; one call per optimizer step), ``gamma`` if ramp_steps is 0."""
+    the residual stream after block ``block`` (None: the pooled final feature, as w2s.py). At the t-th call
+    (1-based; one call per optimizer step): ``gamma_t = gamma * min(1, t / ramp_steps)``; or, with ``decay_to``,
+    ``gamma_t = gamma + (decay_to - gamma) * (t - 1) / (steps - 1)``, from gamma at the first step to decay_to at
+    the last; ``gamma`` if neither is set."""
     calls = [0]
 
     def loss_fn(model, batch):
@@ -169,7 +177,11 @@ def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_st
             h_s = models.last_real_token(model.backbone.norm_f(seen["x"]), batch.inputs()["attention_mask"])
         idx = batch.index.cpu()
         z_t, h_t = z_t_all[idx].to(z_s.device), h_t_all[idx].to(z_s.device)
-        g = gamma * min(1.0, calls[0] / ramp_steps) if ramp_steps else gamma
+        g = gamma
+        if ramp_steps:
+            g = gamma * min(1.0, calls[0] / ramp_steps)
+        elif decay_to is not None:
+            g = gamma + (decay_to - gamma) * min(1.0, (calls[0] - 1) / max(1, steps - 1))
         return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, g, T)
     return loss_fn
 

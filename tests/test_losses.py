@@ -114,7 +114,7 @@ def test_all_token_feature_alignment_by_hand_skips_padding():
     assert terms["fa"] == pytest.approx(7 / 6, abs=1e-6) and total.item() == pytest.approx(7 / 6, abs=1e-6)
 
 
-def test_block_feature_and_gamma_ramp_of_the_calibration_levers():
+def test_block_feature_gamma_ramp_and_decay_of_the_calibration_levers():
     # bench/calibrate_w2s.py's block_ramp_loss (experimental levers). FA reads the last real token of
     # norm_f(block-1 output); with alpha = beta = 0 the total is gamma_t * FA and gamma_t = gamma * min(1, t / 4).
     import sys
@@ -141,3 +141,8 @@ def test_block_feature_and_gamma_ramp_of_the_calibration_levers():
     total, terms = calibrate_w2s.block_ramp_loss(0.0, 0.0, 1.0, 2.0, z_t_all, h_t_all)(clf, batch)   # final feature
     assert terms["fa"] == pytest.approx((h_end - h_t_all[[1, 0]]).pow(2).sum(-1).mean().item(), rel=1e-5)
     assert not clf.backbone.blocks[1]._forward_hooks                 # the hook is removed after each call
+    decay = calibrate_w2s.block_ramp_loss(0.0, 0.0, 0.2, 2.0, z_t_all, h_t_all, decay_to=0.05, steps=4)
+    expect_end = (h_end - h_t_all[[1, 0]]).pow(2).sum(-1).mean().item()
+    for gamma_t in (0.2, 0.15, 0.1, 0.05):                             # 0.2 at step 1 ... 0.05 at step 4, by hand
+        total, _ = decay(clf, batch)
+        assert total.item() == pytest.approx(gamma_t * expect_end, rel=1e-5)
