@@ -9,7 +9,7 @@ lora or none); each is trained on the defender's clean subset, selected on clean
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
 sentences. The test set is never read. One JSON line per entry.
 
-Five levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
+Six levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
 poisoned one; ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
 sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature);
@@ -17,7 +17,10 @@ sentence's teacher feature (the mean over its tokens), not only the last token's
 head would read it, instead of the final one (the head still reads the final state); ``"gamma_ramp": f`` raises
 gamma linearly from 0 to its value over the first fraction f of the steps (weak first, then strong);
 ``"gamma_decay": g`` lowers gamma linearly from its value at the first step to g at the last (strong first, then
-weak: pull the features hard while the backdoor is there, then let the cross-entropy restore clean accuracy).
+weak: pull the features hard while the backdoor is there, then let the cross-entropy restore clean accuracy);
+``"head_refit": n`` after unlearning re-trains the classification head alone (backbone and LoRA frozen) for n
+full-batch AdamW steps of cross-entropy on the clean sentences' pooled features, keeping the head with the best
+clean dev accuracy (``refit_head``).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -75,6 +78,7 @@ def main(argv=None) -> None:
         fa_block = over.pop("fa_block", None)
         gamma_ramp = over.pop("gamma_ramp", 0.0)
         gamma_decay = over.pop("gamma_decay", None)
+        head_refit = over.pop("head_refit", 0)
         cfg = dataclasses.replace(u, **over)
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
@@ -111,6 +115,8 @@ def main(argv=None) -> None:
                                               gamma_decay, steps)
             fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False, on_eval=on_eval)
+            if head_refit:
+                refit_head(model, enc(clean), enc(task.dev), head_refit, device, cfg.bf16)
         ca, asr = measure()
         floor = train.attack_success_rate(train.predict(model, e_floor, device=device, bf16=cfg.bf16), e_floor.labels,
                                           a.target)
@@ -126,6 +132,8 @@ def main(argv=None) -> None:
             over["gamma_ramp"] = gamma_ramp
         if gamma_decay is not None:
             over["gamma_decay"] = gamma_decay
+        if head_refit:
+            over["head_refit"] = head_refit
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -184,6 +192,41 @@ def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_st
             g = gamma + (decay_to - gamma) * min(1.0, (calls[0] - 1) / max(1, steps - 1))
         return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, g, T)
     return loss_fn
+
+
+@torch.no_grad()
+def pooled(model, data: train.Encoded, device, bf16: bool) -> torch.Tensor:
+    """The pooled features (N, d) of every row, in float32, computed as ``train.predict`` runs the model."""
+    model.eval()
+    out = torch.empty(len(data), model.feature_dim)
+    with train.bf16_weights(model, enabled=bf16, frozen_only=False):
+        for b in train.batches(data, 64):
+            b = b.to(device)
+            with train.autocast(device, bf16):
+                out[b.index.cpu()] = model.features(b.input_ids, b.attention_mask, b.prefix).float().cpu()
+    return out
+
+
+def refit_head(model, clean: train.Encoded, dev: train.Encoded, steps: int, device, bf16: bool,
+               lr: float = 1e-3, every: int = 25) -> None:
+    """Re-train ``model.head`` alone: ``steps`` full-batch AdamW steps of CE(head(h), y) on the clean sentences'
+    pooled features ``h`` (the backbone and its LoRA frozen, so ``h`` is computed once), evaluated on the clean dev
+    set every ``every`` steps; the head with the best dev accuracy (the starting one included) is kept."""
+    h, h_dev = pooled(model, clean, device, bf16), pooled(model, dev, device, bf16)
+    head = model.head.float().cpu()
+    accuracy = lambda: (head(h_dev).argmax(-1) == dev.labels).float().mean().item()
+    best = (accuracy(), {k: v.clone() for k, v in head.state_dict().items()})
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(1, steps + 1):
+        with torch.enable_grad():
+            loss = losses.cross_entropy(head(h), clean.labels)
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        if step % every == 0 and accuracy() > best[0]:
+            best = (accuracy(), {k: v.clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(best[1])
+    model.head.to(device)
 
 
 if __name__ == "__main__":

@@ -146,3 +146,26 @@ def test_block_feature_gamma_ramp_and_decay_of_the_calibration_levers():
     for gamma_t in (0.2, 0.15, 0.1, 0.05):                             # 0.2 at step 1 ... 0.05 at step 4, by hand
         total, _ = decay(clf, batch)
         assert total.item() == pytest.approx(gamma_t * expect_end, rel=1e-5)
+
+
+def test_head_refit_of_the_calibration_levers_trains_the_head_alone_and_keeps_the_best_dev_head():
+    # bench/calibrate_w2s.py's refit_head (experimental lever): only the head moves, and on a dev set that the
+    # starting head gets all wrong, the kept head is a better one.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import calibrate_w2s
+    import train
+    from test_models import tiny_classifier
+    clf = tiny_classifier("llama", n_layer=2, num_classes=2, seed=6)
+    ids = [[1 + i % 7, 2 + i % 5, 3 + i % 3] for i in range(24)]
+    with torch.no_grad():
+        start_pred = clf(torch.tensor(ids)).argmax(-1)
+    labels = 1 - start_pred                                         # the starting head is wrong on every row
+    data = train.Encoded(ids, labels, pad_id=0)
+    body = {k: v.clone() for k, v in clf.state_dict().items() if not k.startswith("head.")}
+    calibrate_w2s.refit_head(clf, data, data, steps=200, device="cpu", bf16=False, lr=0.05, every=10)
+    assert all(torch.equal(v, clf.state_dict()[k]) for k, v in body.items())
+    with torch.no_grad():
+        acc = (clf(torch.tensor(ids)).argmax(-1) == labels).float().mean().item()
+    assert acc > 0.5
