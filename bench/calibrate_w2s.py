@@ -69,7 +69,9 @@ def main(argv=None) -> None:
     assert len(untriggered) == len(triggered)          # row for row, so the seeded draw picks the same sentences
     dev_floor = w2s.subset(untriggered, 150, 0, "dev-asr")
     dev_ca = w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
-    print(json.dumps({"seed": a.seed, "triggers": a.triggers, "teacher_dev_acc": teacher["best_dev_acc"]}), flush=True)
+    trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence}}.get(a.attack, {})
+    print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"]}),
+          flush=True)
     for over in grid:
         over = dict(over)
         defense = over.pop("defense", "w2sdefense")
