@@ -254,15 +254,18 @@ def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, devi
 
 
 @torch.inference_mode()
-def pooled_features(model, data: Encoded, batch_size: int = 64, device=None) -> torch.Tensor:
-    """The pooled feature ``h`` (what the head reads) of every row of ``data``, (N, d), in the original order."""
+def pooled_features(model, data: Encoded, batch_size: int = 64, device=None, bf16: bool = False) -> torch.Tensor:
+    """The pooled feature ``h`` (what the head reads) of every row of ``data``, (N, d) float32, in the original
+    order; ``bf16``: computed as ``predict`` computes it under bf16 autocast."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = torch.empty(len(data), model.feature_dim)
-    for b in batches(data, batch_size):
-        b = b.to(device)
-        out[b.index.cpu()] = model.features(b.input_ids, b.attention_mask, b.prefix).float().cpu()
+    with bf16_weights(model, enabled=bf16, frozen_only=False):
+        for b in batches(data, batch_size):
+            b = b.to(device)
+            with autocast(device, bf16):
+                out[b.index.cpu()] = model.features(b.input_ids, b.attention_mask, b.prefix).float().cpu()
     model.train(was_training)
     return out
 

@@ -196,38 +196,27 @@ def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_st
     return loss_fn
 
 
-@torch.no_grad()
-def pooled(model, data: train.Encoded, device, bf16: bool) -> torch.Tensor:
-    """The pooled features (N, d) of every row, in float32, computed as ``train.predict`` runs the model."""
-    model.eval()
-    out = torch.empty(len(data), model.feature_dim)
-    with train.bf16_weights(model, enabled=bf16, frozen_only=False):
-        for b in train.batches(data, 64):
-            b = b.to(device)
-            with train.autocast(device, bf16):
-                out[b.index.cpu()] = model.features(b.input_ids, b.attention_mask, b.prefix).float().cpu()
-    return out
-
-
 def refit_head(model, clean: train.Encoded, dev: train.Encoded, steps: int, device, bf16: bool,
                lr: float = 1e-3, every: int = 25) -> None:
     """Re-train ``model.head`` alone: ``steps`` full-batch AdamW steps of CE(head(h), y) on the clean sentences'
     pooled features ``h`` (the backbone and its LoRA frozen, so ``h`` is computed once), evaluated on the clean dev
     set every ``every`` steps; the head with the best dev accuracy (the starting one included) is kept."""
-    h, h_dev = pooled(model, clean, device, bf16), pooled(model, dev, device, bf16)
+    # clone(): the features come out of inference mode, and the head's backward must save them
+    h = train.pooled_features(model, clean, device=device, bf16=bf16).clone()
+    h_dev = train.pooled_features(model, dev, device=device, bf16=bf16)
     head = model.head.float().cpu()
-    accuracy = lambda: (head(h_dev).argmax(-1) == dev.labels).float().mean().item()
-    best = (accuracy(), {k: v.clone() for k, v in head.state_dict().items()})
+    snapshot = lambda: {k: v.clone() for k, v in head.state_dict().items()}
+    accuracy = torch.no_grad()(lambda: (head(h_dev).argmax(-1) == dev.labels).float().mean().item())
+    best_acc, best = accuracy(), snapshot()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     for step in range(1, steps + 1):
-        with torch.enable_grad():
-            loss = losses.cross_entropy(head(h), clean.labels)
-            opt.zero_grad()
-            loss.backward()
+        loss = losses.cross_entropy(head(h), clean.labels)
+        opt.zero_grad()
+        loss.backward()
         opt.step()
-        if step % every == 0 and accuracy() > best[0]:
-            best = (accuracy(), {k: v.clone() for k, v in head.state_dict().items()})
-    head.load_state_dict(best[1])
+        if step % every == 0 and (acc := accuracy()) > best_acc:
+            best_acc, best = acc, snapshot()
+    head.load_state_dict(best)
     model.head.to(device)
 
 

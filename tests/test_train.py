@@ -139,6 +139,22 @@ def test_predict_in_bf16_equals_plain_autocast_and_keeps_float32_weights():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_pooled_features_in_bf16_equal_plain_autocast_and_are_what_predict_reads():
+    from test_models import tiny_classifier
+    model = tiny_classifier("llama", n_layer=2, num_classes=2, seed=7)
+    g = torch.Generator().manual_seed(7)
+    ids = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(2, 20, (40,), generator=g)]
+    dev = train.Encoded(ids, torch.zeros(40, dtype=torch.long), pad_id=0, padding_side="left")
+    with torch.inference_mode(), train.autocast("cpu", True):
+        expected = torch.cat([model.features(b.input_ids, b.attention_mask).float() for b in train.batches(dev, 64)])
+    order = torch.cat([b.index for b in train.batches(dev, 64)])
+    h = train.pooled_features(model, dev, bf16=True)
+    assert h.dtype == torch.float32 and torch.equal(h[order], expected)
+    with torch.inference_mode(), train.autocast("cpu", True):
+        assert torch.equal(model.head(h).argmax(-1), train.predict(model, dev, bf16=True))   # what predict reads
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_make_optimizer_updates_as_plain_adamw():
     """The fused kernel changes how AdamW is computed, not what: three steps agree with the for-loop version."""
     g = torch.Generator().manual_seed(0)
