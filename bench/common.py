@@ -106,7 +106,7 @@ def sync(device: torch.device) -> None:
 # Matmul peak: the denominator of MFU, measured in the same run as the model
 # ----------------------------------------------------------------------------------------------
 
-def _time_matmul(a, b, device) -> float:
+def time_matmul(a, b, device) -> float:
     sync(device)
     t = time.perf_counter()
     a @ b
@@ -127,7 +127,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n_max: int = 2048, rep
     n = 256
     while True:                                       # grow n while a product stays cheap
         a = torch.randn(n, n, generator=g).to(device, dtype)
-        dt = _time_matmul(a, a, device)
+        dt = time_matmul(a, a, device)
         if n >= n_max or (n >= n_min and dt * 8 > target_s):   # (2n)^3 = 8 n^3
             break
         n *= 2
@@ -135,8 +135,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n_max: int = 2048, rep
     b = torch.randn(n, n, generator=g).to(device, dtype)
     out = {"n": n, "dtype": str(dtype).replace("torch.", "")}
     for layout, rhs in (("NN", b), ("NT", b.T)):
-        _time_matmul(a, rhs, device)                  # warm-up
-        best = min(_time_matmul(a, rhs, device) for _ in range(reps))
+        time_matmul(a, rhs, device)                  # warm-up
+        best = min(time_matmul(a, rhs, device) for _ in range(reps))
         out[f"flops_{layout}"] = 2 * n ** 3 / best
     out["peak_flops"] = max(out["flops_NN"], out["flops_NT"])
     return out

@@ -75,14 +75,10 @@ def block_products(cfg: models.GPTConfig, B: int, T: int) -> dict:
 
 def time_alone(a, b, reps: int) -> float:
     """Median seconds of ``a @ b`` over ``reps`` runs after two warm-ups."""
+    cpu = torch.device("cpu")
     for _ in range(2):
-        a @ b
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        common.time_matmul(a, b, cpu)
+    return statistics.median(common.time_matmul(a, b, cpu) for _ in range(reps))
 
 
 def products_alone(cfg: models.GPTConfig, B: int, T: int, dtype, kind: str, reps: int) -> float:
