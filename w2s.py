@@ -163,6 +163,8 @@ PRESETS = {
 
 DEFENSES = ("none", "lora", "w2sdefense")
 POISON_MODES = ("clean", "dirty", "dirty-any")
+# The students' projections LoRA can wrap: attention, then the MLP (Llama-style gate/up/down; GPT-2's fc/proj).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc", "proj")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +488,10 @@ def add_lora(model, cfg: UnlearnConfig) -> int:
     """LoRA on the attention query and value projections (of the top ``cfg.lora_layers`` blocks, or of all);
     the classification head stays fully trainable. Returns how many bottom blocks stay frozen."""
     frozen = frozen_blocks(model, cfg.lora_layers)
+    present = {name.rsplit(".", 1)[-1] for name, m in model.backbone.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [name for name in cfg.targets if name not in present]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} are not projections of this student; it has {sorted(present)}")
     lora.inject_lora(model, targets=tuple(cfg.targets), r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      generator=torch.Generator().manual_seed(cfg.seed), trainable=("head",),
                      within=[f"backbone.blocks.{i}." for i in range(frozen, len(model.backbone.blocks))])
@@ -580,6 +586,8 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
         "alpha": "alpha", "beta": "beta", "gamma": "gamma", "rank": "rank", "lora_alpha": "lora_alpha",
         "epochs": "epochs", "lr": "lr", "clean_size": "clean_size", "weights": "weights", "lora_layers": "lora_layers",
         "fa": "fa"}))
+    if args.lora_targets is not None:
+        u = dataclasses.replace(u, targets=tuple(args.lora_targets.split()))
     return a, t, u, p["eval_size"]
 
 
@@ -610,6 +618,9 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
                         ("--n-poison", a.n_poison)):
         if value is not None and value < (0 if name == "--n-poison" else 1):
             raise SystemExit(f"error: {name} must be {'>= 0' if name == '--n-poison' else 'at least 1'}, got {value}")
+    unknown = [name for name in u.targets if name not in LORA_TARGETS]
+    if unknown or not u.targets:
+        raise SystemExit(f"error: --lora-targets {' '.join(u.targets)!r}: choose among {', '.join(LORA_TARGETS)}")
     if u.weights not in ("ours", "authors"):
         raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
 
@@ -634,6 +645,8 @@ def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> st
         parts.append(f"defense-{defense}")
     if u.weights != "ours":
         parts.append(f"weights-{u.weights}")
+    if tuple(u.targets) != tuple(PRESETS[preset]["unlearn"].get("targets", UnlearnConfig.targets)):
+        parts.append("lora-" + "-".join(name.removesuffix("_proj") for name in u.targets))
     return "-".join(parts)
 
 
@@ -707,6 +720,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
     p.add_argument("--lora-layers", type=int, default=None, help="LoRA only in the top k blocks (default: all)")
+    p.add_argument("--lora-targets", default=None, help="projections that get LoRA, space-separated (default 'q_proj v_proj')")
     p.add_argument("--epochs", type=float, default=None, help="epochs of unlearning")
     p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning")
     p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset")

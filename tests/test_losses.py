@@ -114,6 +114,20 @@ def test_all_token_feature_alignment_by_hand_skips_padding():
     assert terms["fa"] == pytest.approx(7 / 6, abs=1e-6) and total.item() == pytest.approx(7 / 6, abs=1e-6)
 
 
+def test_feature_gap_distances_by_hand():
+    # bench/feature_gap.py: per-row squared L2 summed over the feature, averaged over rows.
+    # fa_clean: (1,0)-(0,0) -> 1, (0,0)-(0,2) -> 4: 2.5. fa_trig: (3,0)-(0,0) -> 9, (0,1)-(0,0) -> 1: 5.
+    # shift: (3,0)-(1,0) -> 4, (0,1)-(0,0) -> 1: 2.5. teacher_shift: 0, (0,0)-(0,2) -> 4: 2.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import feature_gap
+    s_clean, s_trig = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    t_clean, t_trig = torch.tensor([[0.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 2)
+    got = feature_gap.feature_gap(s_clean, s_trig, t_clean, t_trig)
+    assert got == pytest.approx({"fa_clean": 2.5, "fa_trig": 5.0, "shift": 2.5, "teacher_shift": 2.0})
+
+
 def test_block_feature_gamma_ramp_and_decay_of_the_calibration_levers():
     # bench/calibrate_w2s.py's block_ramp_loss (experimental levers). FA reads the last real token of
     # norm_f(block-1 output); with alpha = beta = 0 the total is gamma_t * FA and gamma_t = gamma * min(1, t / 4).

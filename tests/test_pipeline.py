@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import lora
 import train
 import w2s
 
@@ -83,6 +84,7 @@ def test_preset_loss_weights_same_for_every_attack(extra, weights):
     (["--attack", "syntactic", "--poison-mode", "clean"], "syntactic-sst2-cpu-seed0-clean-label"),
     (["--defense", "lora"], "badnet-sst2-cpu-seed0-defense-lora"),
     (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
+    (["--lora-targets", "q_proj v_proj gate_proj up_proj down_proj"], "badnet-sst2-cpu-seed0-lora-q-v-gate-up-down"),
 ])
 def test_default_run_folder_names_what_differs(extra, name):
     """A clean fine-tune or a single defense must not overwrite the full run's results.json."""
@@ -137,6 +139,18 @@ def tiny_args(root, student, teacher, ds, *extra):
         "--poison-mode", "dirty", "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1",
         "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1",
         "--lora-layers", "1", "--precision", "fp32", *extra])
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_lora_targets_must_be_projections_of_the_student(tmp_path):
+    student, _, _ = make_tiny_world(tmp_path)            # GPT-2 style: its MLP is fc / proj, not gate / up / down
+    model, _ = w2s.student_classifier(str(student), 2, 0)
+    cfg = w2s.UnlearnConfig(targets=("q_proj", "gate_proj"))
+    with pytest.raises(ValueError, match=r"\['gate_proj'\] are not projections of this student"):
+        w2s.add_lora(model, cfg)
+    w2s.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "fc", "proj")))
+    wrapped = {name.rsplit(".", 1)[-1] for name, _ in lora.lora_modules(model)}
+    assert wrapped == {"q_proj", "fc", "proj"}
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
@@ -227,6 +241,7 @@ def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     (["--rank", "0"], "--rank must be positive"),
     (["--gamma", "-1"], "--gamma must be >= 0"),
     (["--lora-layers", "0"], "--lora-layers must be at least 1"),
+    (["--lora-targets", "q_proj nope"], "choose among q_proj, k_proj"),
     (["--attack-layers", "-2"], "--attack-layers must be at least 1"),
 ])
 def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):

@@ -1,0 +1,97 @@
+"""Where the trigger leaves the pooled feature: a dev-set diagnostic of a finished ``w2s.py`` run.
+
+    .venv/bin/python bench/feature_gap.py --attack badnet --seed 2        # the same options as w2s.py
+
+W2SDefense pulls the student's pooled feature toward the clean teacher's on clean sentences only. Whether that
+pull reaches the triggered sentences the defender never sees is what decides the ASR. For the poisoned student,
+the control and W2SDefense of a run (its stages are read from the stage cache; a stage that is missing is
+trained, as w2s.py would), this measures on the DEV side (150 non-target dev sentences with the trigger, the
+same 150 without it: the draw of bench/calibrate_w2s.py; the test set is never read):
+
+* ``fa_clean`` = mean_i ||h_s(x_i) - h_t(x_i)||^2, the feature term on the clean sentences;
+* ``fa_trig``  = mean_i ||h_s(x~_i) - h_t(x~_i)||^2, the same distance on their triggered copies x~_i;
+* ``shift``    = mean_i ||h_s(x~_i) - h_s(x_i)||^2, how far the trigger moves the student's feature
+  (``teacher_shift``: the same for the clean teacher, for scale);
+* ``dev_asr``, and the share of the 150 untriggered sentences called the target (its floor).
+
+One JSON line per model, then a markdown table.
+"""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import attacks  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
+import w2s  # noqa: E402
+
+
+def feature_gap(s_clean, s_trig, t_clean, t_trig) -> dict:
+    """Mean squared L2 distances (per row, summed over the feature, averaged over rows) between the student's
+    (``s_*``) and the teacher's (``t_*``) features of the clean sentences and of their triggered copies."""
+    sq = lambda a, b: (a.float() - b.float()).pow(2).sum(-1).mean().item()
+    return {"fa_clean": sq(s_clean, t_clean), "fa_trig": sq(s_trig, t_trig),
+            "shift": sq(s_trig, s_clean), "teacher_shift": sq(t_trig, t_clean)}
+
+
+def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:
+    """150 non-target dev sentences with the trigger and the same 150 without it (bench/calibrate_w2s.py's)."""
+    dev = task.dataset.dev
+    triggered = attacks.asr_set(dev, trigger, target, random.Random(7))
+    rows = [i for i, y in enumerate(dev.labels) if y != target]
+    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
+    return w2s.subset(untriggered, 150, 0, "dev-asr"), w2s.subset(triggered, 150, 0, "dev-asr")
+
+
+def main(argv=None) -> None:
+    args = w2s.parser().parse_args(argv)
+    a, t, u, eval_size = w2s.resolve_configs(args)
+    w2s.check_configs(a, t, u, "w2sdefense", args.data_dir)
+    if a.attack == "syntactic":     # SST-2's SCPN dev file paraphrases only negative (target) sentences
+        raise SystemExit("feature_gap.py: the syntactic attack has no triggered non-target dev sentences; "
+                         "use badnet or insent")
+    device = w2s.pick_device(args.device)
+    stages = Path(args.stages)
+    task = w2s.build_task(a, eval_size, args.data_dir)
+    attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
+    teacher_folder, _ = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
+    trigger, _ = w2s.make_triggers(a, args.data_dir)
+    clean, trig = dev_pairs(task, trigger, a.target)
+    num_classes, d = task.dataset.num_classes, poisoned["feature_dim"]
+    _, t_clean = w2s.teacher_outputs(t, teacher_folder, clean.sentences, num_classes, d, u.max_length, device)
+    _, t_trig = w2s.teacher_outputs(t, teacher_folder, trig.sentences, num_classes, d, u.max_length, device)
+    rows = []
+    for name in ("poisoned", "lora", "w2sdefense"):
+        if name == "poisoned":
+            model, tokenizer = w2s.load_poisoned(a, attack_folder, num_classes)
+        else:
+            folder, _ = w2s.unlearn_stage(name, u, a, attack_folder, t, teacher_folder, task, stages, device)
+            model, tokenizer = w2s.load_unlearned(u, a, attack_folder, folder, num_classes)
+        model.to(device)
+        e_clean = train.encode(tokenizer, clean.sentences, clean.labels, u.max_length)
+        e_trig = train.encode(tokenizer, trig.sentences, trig.labels, u.max_length)
+        s_clean = train.pooled_features(model, e_clean, device=device, bf16=u.bf16)
+        s_trig = train.pooled_features(model, e_trig, device=device, bf16=u.bf16)
+        p_clean = train.predict(model, e_clean, device=device, bf16=u.bf16)
+        p_trig = train.predict(model, e_trig, device=device, bf16=u.bf16)
+        row = {"model": name, "seed": a.seed, "attack": a.attack,
+               **{k: round(v, 1) for k, v in feature_gap(s_clean, s_trig, t_clean, t_trig).items()},
+               "dev_asr": round(train.attack_success_rate(p_trig, e_trig.labels, a.target), 3),
+               "dev_floor": round(train.attack_success_rate(p_clean, e_clean.labels, a.target), 3)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    keys = ["model", "fa_clean", "fa_trig", "shift", "teacher_shift", "dev_asr", "dev_floor"]
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
