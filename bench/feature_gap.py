@@ -12,6 +12,10 @@ same 150 without it: the draw of bench/calibrate_w2s.py; the test set is never r
 * ``fa_trig``  = mean_i ||h_s(x~_i) - h_t(x~_i)||^2, the same distance on their triggered copies x~_i;
 * ``shift``    = mean_i ||h_s(x~_i) - h_s(x_i)||^2, how far the trigger moves the student's feature
   (``teacher_shift``: the same for the clean teacher, for scale);
+* ``margin_shift`` = mean_i [m(x~_i) - m(x_i)], m = z_target - max_{c != target} z_c, the head's logits on the
+  pooled feature: how far the trigger moves the decision toward the target;
+* ``cos_head`` = mean_i cos(h_s(x~_i) - h_s(x_i), w), w = W_target - mean_{c != target} W_c (the head's rows):
+  how much of the trigger's move points the way the head reads "target";
 * ``dev_asr``, and the share of the 150 untriggered sentences called the target (its floor).
 
 One JSON line per model, then a markdown table.
@@ -38,6 +42,20 @@ def feature_gap(s_clean, s_trig, t_clean, t_trig) -> dict:
     sq = lambda a, b: (a.float() - b.float()).pow(2).sum(-1).mean().item()
     return {"fa_clean": sq(s_clean, t_clean), "fa_trig": sq(s_trig, t_trig),
             "shift": sq(s_trig, s_clean), "teacher_shift": sq(t_trig, t_clean)}
+
+
+def head_view(weight, bias, s_clean, s_trig, target: int) -> dict:
+    """The trigger's move as the classification head (``z = h W^T + b``) reads it: ``margin_shift`` and
+    ``cos_head`` of the module docstring."""
+    weight, s_clean, s_trig = weight.float(), s_clean.float(), s_trig.float()
+    others = [c for c in range(weight.shape[0]) if c != target]
+
+    def margin(h):
+        z = h @ weight.T + (0.0 if bias is None else bias.float())
+        return z[:, target] - z[:, others].max(-1).values
+    w = weight[target] - weight[others].mean(0)
+    cos = torch.nn.functional.cosine_similarity(s_trig - s_clean, w[None], dim=-1)
+    return {"margin_shift": (margin(s_trig) - margin(s_clean)).mean().item(), "cos_head": cos.mean().item()}
 
 
 def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:
@@ -82,11 +100,15 @@ def main(argv=None) -> None:
         p_trig = train.predict(model, e_trig, device=device, bf16=u.bf16)
         row = {"model": name, "seed": a.seed, "attack": a.attack,
                **{k: round(v, 1) for k, v in feature_gap(s_clean, s_trig, t_clean, t_trig).items()},
+               **{k: round(v, 3) for k, v in head_view(model.head.weight.detach().cpu(), None if model.head.bias is None
+                                                       else model.head.bias.detach().cpu(), s_clean, s_trig,
+                                                       a.target).items()},
                "dev_asr": round(train.attack_success_rate(p_trig, e_trig.labels, a.target), 3),
                "dev_floor": round(train.attack_success_rate(p_clean, e_clean.labels, a.target), 3)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    keys = ["model", "fa_clean", "fa_trig", "shift", "teacher_shift", "dev_asr", "dev_floor"]
+    keys = ["model", "fa_clean", "fa_trig", "shift", "teacher_shift", "margin_shift", "cos_head", "dev_asr",
+            "dev_floor"]
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(str(row[k]) for k in keys) + " |")
