@@ -485,8 +485,9 @@ def unlearning_loss(alpha, beta, gamma, T, z_t_all=None, h_t_all=None, fa: str =
 
 
 def add_lora(model, cfg: UnlearnConfig) -> int:
-    """LoRA on the attention query and value projections (of the top ``cfg.lora_layers`` blocks, or of all);
-    the classification head stays fully trainable. Returns how many bottom blocks stay frozen."""
+    """LoRA on the projections named by ``cfg.targets`` (the preset: attention query and value) of the top
+    ``cfg.lora_layers`` blocks, or of all; the classification head stays fully trainable. Returns how many bottom
+    blocks stay frozen."""
     frozen = frozen_blocks(model, cfg.lora_layers)
     present = {name.rsplit(".", 1)[-1] for name, m in model.backbone.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [name for name in cfg.targets if name not in present]
@@ -527,7 +528,7 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
         return folder, done
     start = time.perf_counter()
     model, tokenizer = load_poisoned(acfg, attack_folder, task.dataset.num_classes)
-    # LoRA on the attention query and value projections; the classification head stays fully trainable.
+    # LoRA on cfg.targets (the preset: query and value); the classification head stays fully trainable.
     frozen = add_lora(model, cfg)
     model.to(device)
     clean = subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
