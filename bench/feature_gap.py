@@ -12,6 +12,8 @@ same 150 without it: the draw of bench/calibrate_w2s.py; the test set is never r
 * ``fa_trig``  = mean_i ||h_s(x~_i) - h_t(x~_i)||^2, the same distance on their triggered copies x~_i;
 * ``shift``    = mean_i ||h_s(x~_i) - h_s(x_i)||^2, how far the trigger moves the student's feature
   (``teacher_shift``: the same for the clean teacher, for scale);
+* ``norm_s`` = mean_i ||h_s(x_i)||^2 and ``norm_t`` = mean_i ||h_t(x_i)||^2 on the clean sentences: how much of
+  ``fa_clean`` is the student's own feature norm;
 * ``margin_shift`` = mean_i [m(x~_i) - m(x_i)], m = z_target - max_{c != target} z_c, the head's logits on the
   pooled feature: how far the trigger moves the decision toward the target;
 * ``cos_head`` = mean_i cos(h_s(x~_i) - h_s(x_i), w), w = W_target - mean_{c != target} W_c (the head's rows):
@@ -39,9 +41,10 @@ import w2s  # noqa: E402
 def feature_gap(s_clean, s_trig, t_clean, t_trig) -> dict:
     """Mean squared L2 distances (per row, summed over the feature, averaged over rows) between the student's
     (``s_*``) and the teacher's (``t_*``) features of the clean sentences and of their triggered copies."""
-    sq = lambda a, b: (a.float() - b.float()).pow(2).sum(-1).mean().item()
+    sq = lambda a, b: (a.float() - torch.as_tensor(b).float()).pow(2).sum(-1).mean().item()
     return {"fa_clean": sq(s_clean, t_clean), "fa_trig": sq(s_trig, t_trig),
-            "shift": sq(s_trig, s_clean), "teacher_shift": sq(t_trig, t_clean)}
+            "shift": sq(s_trig, s_clean), "teacher_shift": sq(t_trig, t_clean),
+            "norm_s": sq(s_clean, 0.0), "norm_t": sq(t_clean, 0.0)}
 
 
 def head_view(weight, bias, s_clean, s_trig, target: int) -> dict:
@@ -107,7 +110,7 @@ def main(argv=None) -> None:
                "dev_floor": round(train.attack_success_rate(p_clean, e_clean.labels, a.target), 3)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    keys = ["model", "fa_clean", "fa_trig", "shift", "teacher_shift", "margin_shift", "cos_head", "dev_asr",
+    keys = ["model", "fa_clean", "fa_trig", "norm_s", "norm_t", "shift", "teacher_shift", "margin_shift", "cos_head", "dev_asr",
             "dev_floor"]
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:

@@ -125,7 +125,9 @@ def test_feature_gap_distances_by_hand():
     s_clean, s_trig = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[3.0, 0.0], [0.0, 1.0]])
     t_clean, t_trig = torch.tensor([[0.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 2)
     got = feature_gap.feature_gap(s_clean, s_trig, t_clean, t_trig)
-    assert got == pytest.approx({"fa_clean": 2.5, "fa_trig": 5.0, "shift": 2.5, "teacher_shift": 2.0})
+    # norm_s: 1, 0 -> 0.5; norm_t: 0, 4 -> 2.
+    assert got == pytest.approx({"fa_clean": 2.5, "fa_trig": 5.0, "shift": 2.5, "teacher_shift": 2.0,
+                                 "norm_s": 0.5, "norm_t": 2.0})
     # head_view, 3 classes, target 0: W rows (1,0), (0,1), (0,-1), bias (0, 1, 0). m = z_0 - max(z_1, z_2).
     # clean rows (1,0) -> z (1, 1, 0), m 0; (0,0) -> z (0, 1, 0), m -1. triggered (3,0) -> (3, 1, 0), m 2;
     # (0,1) -> (0, 2, -1), m -2. margin_shift = ((2 - 0) + (-2 + 1)) / 2 = 0.5. w = (1,0) - mean((0,1),(0,-1))
