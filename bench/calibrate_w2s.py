@@ -59,15 +59,7 @@ def main(argv=None) -> None:
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     trigger, _ = w2s.make_triggers(a, args.data_dir)
-    dev = task.dataset.dev
-    triggered = attacks.asr_set(dev, trigger, a.target, random.Random(7))
-    dev_asr = w2s.subset(triggered, 150, 0, "dev-asr")
-    # The same 150 sentences WITHOUT the trigger: the share classified as the target is the floor of the dev ASR
-    # (a model with no backdoor left still errs on some of them).
-    rows = [i for i, y in enumerate(dev.labels) if y != a.target]
-    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
-    assert len(untriggered) == len(triggered)          # row for row, so the seeded draw picks the same sentences
-    dev_floor = w2s.subset(untriggered, 150, 0, "dev-asr")
+    dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
     dev_ca = w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
     trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence}}.get(a.attack, {})
     print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"]}),
@@ -141,6 +133,17 @@ def main(argv=None) -> None:
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
                           **({"curve": curve} if curve else {})}), flush=True)
+
+
+def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:
+    """150 non-target dev sentences without the trigger and the same 150 with it. The share of the first
+    classified as the target is the floor of the dev ASR (a model with no backdoor left still errs on some)."""
+    dev = task.dataset.dev
+    triggered = attacks.asr_set(dev, trigger, target, random.Random(7))
+    rows = [i for i, y in enumerate(dev.labels) if y != target]
+    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
+    assert len(untriggered) == len(triggered)          # row for row, so the seeded draw picks the same sentences
+    return w2s.subset(untriggered, 150, 0, "dev-asr"), w2s.subset(triggered, 150, 0, "dev-asr")
 
 
 def all_token_loss(alpha, beta, gamma, T, z_t_all, h_t_all):

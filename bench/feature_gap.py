@@ -24,7 +24,6 @@ One JSON line per model, then a markdown table.
 """
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -32,10 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import attacks  # noqa: E402
-import data  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
+from calibrate_w2s import dev_pairs  # noqa: E402
 
 
 def feature_gap(s_clean, s_trig, t_clean, t_trig) -> dict:
@@ -59,15 +57,6 @@ def head_view(weight, bias, s_clean, s_trig, target: int) -> dict:
     w = weight[target] - weight[others].mean(0)
     cos = torch.nn.functional.cosine_similarity(s_trig - s_clean, w[None], dim=-1)
     return {"margin_shift": (margin(s_trig) - margin(s_clean)).mean().item(), "cos_head": cos.mean().item()}
-
-
-def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:
-    """150 non-target dev sentences with the trigger and the same 150 without it (bench/calibrate_w2s.py's)."""
-    dev = task.dataset.dev
-    triggered = attacks.asr_set(dev, trigger, target, random.Random(7))
-    rows = [i for i, y in enumerate(dev.labels) if y != target]
-    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
-    return w2s.subset(untriggered, 150, 0, "dev-asr"), w2s.subset(triggered, 150, 0, "dev-asr")
 
 
 def main(argv=None) -> None:
