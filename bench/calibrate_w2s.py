@@ -18,7 +18,10 @@ head would read it, instead of the final one (the head still reads the final sta
 gamma linearly from 0 to its value over the first fraction f of the steps (weak first, then strong);
 ``"gamma_decay": g`` lowers gamma linearly from its value at the first step to g at the last (strong first, then
 weak: pull the features hard while the backdoor is there, then let the cross-entropy restore clean accuracy);
-``"head_refit": n`` after unlearning re-trains the classification head alone (backbone and LoRA frozen) for n
+``"fa_target": "zero"`` or ``"shuffled"`` replaces the teacher's features that the feature term pulls toward
+(``feature_targets``), an ablation of the teacher: the origin (the term becomes ``||h_s||^2``, a pull that only
+shrinks the feature), or the teacher's features of OTHER clean sentences (a seeded permutation: their scale and
+spread, without the per-sentence match); ``"head_refit": n`` after unlearning re-trains the classification head alone (backbone and LoRA frozen) for n
 full-batch AdamW steps of cross-entropy on the clean sentences' pooled features, keeping the head with the best
 clean dev accuracy (``refit_head``).
 
@@ -73,6 +76,7 @@ def main(argv=None) -> None:
         gamma_ramp = over.pop("gamma_ramp", 0.0)
         gamma_decay = over.pop("gamma_decay", None)
         head_refit = over.pop("head_refit", 0)
+        fa_target = over.pop("fa_target", "teacher")
         cfg = dataclasses.replace(u, **over)
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
@@ -100,6 +104,7 @@ def main(argv=None) -> None:
             else:
                 z_t, h_t = w2s.teacher_outputs(t, teacher_folder, clean.sentences, task.dataset.num_classes,
                                                model.feature_dim, cfg.max_length, device)
+                h_t = feature_targets(h_t, fa_target, cfg.seed)
                 loss_fn = w2s.unlearning_loss(al, be, ga, cfg.T, z_t, h_t, w2s.fa_distance(cfg))
                 if fa_tokens == "all":
                     loss_fn = all_token_loss(al, be, ga, cfg.T, z_t, h_t)
@@ -128,6 +133,8 @@ def main(argv=None) -> None:
             over["gamma_decay"] = gamma_decay
         if head_refit:
             over["head_refit"] = head_refit
+        if fa_target != "teacher":
+            over["fa_target"] = fa_target
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -197,6 +204,19 @@ def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_st
             g = gamma + (decay_to - gamma) * min(1.0, (calls[0] - 1) / max(1, steps - 1))
         return losses.w2s_loss(z_s, h_s, batch.labels, z_t, h_t, alpha, beta, g, T)
     return loss_fn
+
+
+def feature_targets(h_t: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """What the feature term pulls the student's pooled feature toward, row by row: ``"teacher"`` its own
+    sentence's teacher feature (W2SDefense); ``"zero"`` the origin; ``"shuffled"`` the teacher feature of another
+    clean sentence, ``h_t[perm]`` with a permutation seeded by ``seed``."""
+    if kind == "teacher":
+        return h_t
+    if kind == "zero":
+        return torch.zeros_like(h_t)
+    if kind == "shuffled":
+        return h_t[torch.randperm(len(h_t), generator=torch.Generator().manual_seed(seed))]
+    raise ValueError(f"unknown fa_target {kind!r}; choose one of teacher, zero, shuffled")
 
 
 def refit_head(model, clean: train.Encoded, dev: train.Encoded, steps: int, device, bf16: bool,

@@ -192,3 +192,23 @@ def test_head_refit_of_the_calibration_levers_trains_the_head_alone_and_keeps_th
     with torch.no_grad():
         acc = (clf(torch.tensor(ids)).argmax(-1) == labels).float().mean().item()
     assert acc > 0.5
+
+
+def test_feature_targets_of_the_calibration_levers_zero_and_shuffled():
+    # bench/calibrate_w2s.py's teacher ablation: toward the origin the feature term is ||h_s||^2; shuffled keeps
+    # the teacher's rows (a seeded permutation, the same for the same seed) but not their order.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import calibrate_w2s
+    h_s = torch.tensor([[3.0, 4.0], [1.0, -2.0]])
+    h_t = torch.arange(12.0).reshape(6, 2)
+    zero = calibrate_w2s.feature_targets(h_t, "zero", seed=0)
+    assert losses.feature_alignment(h_s, zero[:2]).item() == pytest.approx((25.0 + 5.0) / 2)
+    assert calibrate_w2s.feature_targets(h_t, "teacher", seed=0) is h_t
+    shuffled = calibrate_w2s.feature_targets(h_t, "shuffled", seed=3)
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, h_t.tolist()))
+    assert not torch.equal(shuffled, h_t)
+    assert torch.equal(shuffled, calibrate_w2s.feature_targets(h_t, "shuffled", seed=3))
+    with pytest.raises(ValueError, match="teacher, zero, shuffled"):
+        calibrate_w2s.feature_targets(h_t, "random", seed=0)
