@@ -9,7 +9,7 @@ lora or none); each is trained on the defender's clean subset, selected on clean
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
 sentences. The test set is never read. One JSON line per entry.
 
-Six levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
+Seven levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
 poisoned one; ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
 sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature);
@@ -21,8 +21,8 @@ weak: pull the features hard while the backdoor is there, then let the cross-ent
 ``"fa_target": "zero"`` or ``"shuffled"`` replaces the teacher's features that the feature term pulls toward
 (``feature_targets``), an ablation of the teacher: the origin (the term becomes ``||h_s||^2``, a pull that only
 shrinks the feature), or the teacher's features of OTHER clean sentences (a seeded permutation: their scale and
-spread, without the per-sentence match); ``"head_refit": n`` after unlearning re-trains the classification head alone (backbone and LoRA frozen) for n
-full-batch AdamW steps of cross-entropy on the clean sentences' pooled features, keeping the head with the best
+spread, without the per-sentence match); ``"head_refit": n`` after unlearning re-trains the classification
+head alone (backbone and LoRA frozen) for n full-batch AdamW steps of cross-entropy on the clean sentences' pooled features, keeping the head with the best
 clean dev accuracy (``refit_head``).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
