@@ -22,8 +22,8 @@ weak: pull the features hard while the backdoor is there, then let the cross-ent
 (``feature_targets``), an ablation of the teacher: the origin (the term becomes ``||h_s||^2``, a pull that only
 shrinks the feature), or the teacher's features of OTHER clean sentences (a seeded permutation: their scale and
 spread, without the per-sentence match); ``"head_refit": n`` after unlearning re-trains the classification
-head alone (backbone and LoRA frozen) for n full-batch AdamW steps of cross-entropy on the clean sentences' pooled features, keeping the head with the best
-clean dev accuracy (``refit_head``).
+head alone (backbone and LoRA frozen) for n full-batch AdamW steps of cross-entropy on the clean sentences'
+pooled features, keeping the head with the best clean dev accuracy (``refit_head``).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -78,6 +78,8 @@ def main(argv=None) -> None:
         head_refit = over.pop("head_refit", 0)
         fa_target = over.pop("fa_target", "teacher")
         cfg = dataclasses.replace(u, **over)
+        if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
+            raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         frozen = w2s.add_lora(model, cfg)
@@ -209,7 +211,8 @@ def block_ramp_loss(alpha, beta, gamma, T, z_t_all, h_t_all, block=None, ramp_st
 def feature_targets(h_t: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     """What the feature term pulls the student's pooled feature toward, row by row: ``"teacher"`` its own
     sentence's teacher feature (W2SDefense); ``"zero"`` the origin; ``"shuffled"`` the teacher feature of another
-    clean sentence, ``h_t[perm]`` with a permutation seeded by ``seed``."""
+    clean sentence, ``h_t[perm]`` with a uniformly random permutation seeded by ``seed`` (so a row keeps its own
+    with probability 1/N: about one row of the defender's 2,000)."""
     if kind == "teacher":
         return h_t
     if kind == "zero":
