@@ -1,11 +1,15 @@
 """Fixtures shared by several test files."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 import data
+
+# The bench scripts are not a package; tests import a few of their functions (calibrate_w2s, feature_gap, ...).
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
 
 SHIPPED = data.data_dir() / "sst2" / "train.tsv"
 needs_data = pytest.mark.skipif(

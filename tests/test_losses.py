@@ -99,10 +99,7 @@ def test_all_token_feature_alignment_by_hand_skips_padding():
     # The experimental lever of bench/calibrate_w2s.py: every real token's final state against the sentence's
     # teacher feature. Sentence 0: tokens (1,0), (0,1), (1,1) vs h_t (0,0): 1, 1, 2 -> mean 4/3.
     # Sentence 1: tokens (2,0), (0,0) and a pad (9,9) vs h_t (1,0): 1, 1 -> mean 1. FA = (4/3 + 1) / 2 = 7/6.
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import calibrate_w2s
     hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
@@ -118,9 +115,6 @@ def test_feature_gap_distances_by_hand():
     # bench/feature_gap.py: per-row squared L2 summed over the feature, averaged over rows.
     # fa_clean: (1,0)-(0,0) -> 1, (0,0)-(0,2) -> 4: 2.5. fa_trig: (3,0)-(0,0) -> 9, (0,1)-(0,0) -> 1: 5.
     # shift: (3,0)-(1,0) -> 4, (0,1)-(0,0) -> 1: 2.5. teacher_shift: 0, (0,0)-(0,2) -> 4: 2.
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import feature_gap
     s_clean, s_trig = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[3.0, 0.0], [0.0, 1.0]])
     t_clean, t_trig = torch.tensor([[0.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 2)
@@ -140,10 +134,7 @@ def test_feature_gap_distances_by_hand():
 def test_block_feature_gamma_ramp_and_decay_of_the_calibration_levers():
     # bench/calibrate_w2s.py's block_ramp_loss (experimental levers). FA reads the last real token of
     # norm_f(block-1 output); with alpha = beta = 0 the total is gamma_t * FA and gamma_t = gamma * min(1, t / 4).
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import calibrate_w2s
     from test_models import tiny_classifier
     import models
@@ -174,9 +165,6 @@ def test_block_feature_gamma_ramp_and_decay_of_the_calibration_levers():
 def test_head_refit_of_the_calibration_levers_trains_the_head_alone_and_keeps_the_best_dev_head():
     # bench/calibrate_w2s.py's refit_head (experimental lever): only the head moves, and on a dev set that the
     # starting head gets all wrong, the kept head is a better one.
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import calibrate_w2s
     import train
     from test_models import tiny_classifier
@@ -197,9 +185,6 @@ def test_head_refit_of_the_calibration_levers_trains_the_head_alone_and_keeps_th
 def test_feature_targets_of_the_calibration_levers_zero_and_shuffled():
     # bench/calibrate_w2s.py's teacher ablation: toward the origin the feature term is ||h_s||^2; shuffled keeps
     # the teacher's rows (a seeded permutation, the same for the same seed) but not their order.
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import calibrate_w2s
     h_s = torch.tensor([[3.0, 4.0], [1.0, -2.0]])
     h_t = torch.arange(12.0).reshape(6, 2)

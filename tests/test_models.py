@@ -438,9 +438,6 @@ def test_attention_equals_torch_sdpa(n_head, n_kv_head, masking):
 def test_matmul_ceiling_counts_every_product_of_a_step():
     """bench/matmul_ceiling.py: its list of a block's products covers the FLOP count the MFU divides by, and
     its in-step timer sees every product op (one per weight, two for attention, per block)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import common
     import matmul_ceiling
 

@@ -259,8 +259,6 @@ def test_cli_rejects_unknown_preset():
 def test_collect_results_mean_and_sample_std_by_hand():
     # bench/collect_results.py prints RESULTS.md's tables. ASR 0.1 and 0.3: mean 0.2, sample std
     # sqrt((0.1^2 + 0.1^2) / (2 - 1)) = 0.1414; CA 0.9 both: std 0.
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import collect_results
     runs = [{"seed": s, "rows": [{"model": "w2sdefense", "ca": 0.9, "asr": asr}], "teacher_ca": 0.88,
              "wall_seconds": 60.0} for s, asr in ((0, 0.1), (1, 0.3))]
