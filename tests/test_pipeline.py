@@ -9,6 +9,7 @@ import torch
 
 import data
 import lora
+import losses
 import train
 import w2s
 
@@ -186,6 +187,38 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
 
 
+def test_feature_target_of_the_origin_ablation_by_hand():
+    h_s = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    h_t = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    assert w2s.feature_target("w2sdefense", h_t) is h_t
+    origin = w2s.feature_target("w2s-origin", h_t)
+    assert torch.equal(origin, torch.zeros(2, 2))
+    # FA toward the origin = mean ||h_s||^2 = (1 + 4 + 9 + 0) / 2 = 7; toward the teacher: ((1 + 1) + (4 + 1)) / 2
+    _, terms = losses.w2s_loss(torch.zeros(2, 2), h_s, torch.tensor([0, 1]), torch.zeros(2, 2), origin, 1, 0, 1)
+    assert terms["fa"] == pytest.approx(7.0)
+    _, terms = losses.w2s_loss(torch.zeros(2, 2), h_s, torch.tensor([0, 1]), torch.zeros(2, 2), h_t, 1, 0, 1)
+    assert terms["fa"] == pytest.approx(3.5)
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_origin_ablation_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
+    """--defense w2s-origin: the table gains a row, the control and W2SDefense come from the cache untouched, and
+    the ablation is the same run as W2SDefense but for the feature target (its first step, before any update,
+    has the same CE and KL on the same batch; only FA differs)."""
+    student, teacher, ds = make_tiny_world(tmp_path)
+    first = w2s.run(tiny_args(tmp_path, student, teacher, ds))
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
+    result = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--defense", "w2s-origin"))
+    assert [r["model"] for r in result["rows"]] == ["poisoned", "lora", "w2sdefense", "w2s-origin"]
+    assert result["rows"][:3] == first["rows"]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    history = {name: json.loads(next((tmp_path / "stages").glob(f"{name}-*")).joinpath("history.json").read_text())[0]
+               for name in ("w2sdefense", "w2s-origin")}
+    assert history["w2s-origin"]["ce"] == pytest.approx(history["w2sdefense"]["ce"], rel=1e-6)
+    assert history["w2s-origin"]["kd"] == pytest.approx(history["w2sdefense"]["kd"], rel=1e-6)
+    assert history["w2s-origin"]["fa"] != pytest.approx(history["w2sdefense"]["fa"], rel=1e-5)
+
+
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_student_reads_a_start_token_and_a_prefix_space(tmp_path):
     """The classifier reads "<start> sentence" with the model's BOS (GPT-2 has none: <|endoftext|>), and a
@@ -243,6 +276,7 @@ def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     (["--lora-layers", "0"], "--lora-layers must be at least 1"),
     (["--lora-targets", "q_proj nope"], "choose among q_proj, k_proj"),
     (["--attack-layers", "-2"], "--attack-layers must be at least 1"),
+    (["--defense", "w2s-origin", "--fa", "normalized"], "needs the L2 feature distance"),
 ])
 def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
