@@ -23,7 +23,10 @@ weak: pull the features hard while the backdoor is there, then let the cross-ent
 shrinks the feature), or the teacher's features of OTHER clean sentences (a seeded permutation: their scale and
 spread, without the per-sentence match); ``"head_refit": n`` after unlearning re-trains the classification
 head alone (backbone and LoRA frozen) for n full-batch AdamW steps of cross-entropy on the clean sentences'
-pooled features, keeping the head with the best clean dev accuracy (``refit_head``).
+pooled features, keeping the head with the best clean dev accuracy (``refit_head``); ``"splice": f`` inserts,
+into a seeded share f of the defender's clean sentences, a span of 1 to 5 consecutive words of another of them
+(``splice_spans``), keeping the label and, for W2SDefense, the unperturbed sentence's teacher logits and feature
+as the targets: an insertion the defender makes up from clean data alone, which a clean teacher hardly notices.
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -77,6 +80,7 @@ def main(argv=None) -> None:
         gamma_decay = over.pop("gamma_decay", None)
         head_refit = over.pop("head_refit", 0)
         fa_target = over.pop("fa_target", "teacher")
+        splice = over.pop("splice", 0.0)
         cfg = dataclasses.replace(u, **over)
         if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
@@ -114,7 +118,10 @@ def main(argv=None) -> None:
                     steps = round(cfg.epochs * -(-len(clean) // cfg.batch_size))
                     loss_fn = block_ramp_loss(al, be, ga, cfg.T, z_t, h_t, fa_block, round(gamma_ramp * steps),
                                               gamma_decay, steps)
-            fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
+            # Row i of the spliced set is clean sentence i with a span inserted (or unchanged): the targets
+            # computed above, on the clean sentences, stay aligned by row.
+            trained_on = splice_spans(clean, splice, cfg.seed) if splice else clean
+            fit = train.fit(model, enc(trained_on), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                             device=device, progress=False, on_eval=on_eval)
             if head_refit:
                 refit_head(model, enc(clean), enc(task.dev), head_refit, device, cfg.bf16)
@@ -137,6 +144,8 @@ def main(argv=None) -> None:
             over["head_refit"] = head_refit
         if fa_target != "teacher":
             over["fa_target"] = fa_target
+        if splice:
+            over["splice"] = splice
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -216,10 +225,32 @@ def feature_targets(h_t: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     if kind == "teacher":
         return h_t
     if kind == "zero":
-        return torch.zeros_like(h_t)
+        return w2s.feature_target("w2s-origin", h_t)
     if kind == "shuffled":
         return h_t[torch.randperm(len(h_t), generator=torch.Generator().manual_seed(seed))]
     raise ValueError(f"unknown fa_target {kind!r}; choose one of teacher, zero, shuffled")
+
+
+def splice_spans(split: data.Split, share: float, seed: int, max_words: int = 5) -> data.Split:
+    """The same rows, a seeded ``share`` of them with a span of ``k`` consecutive words (k uniform in 1 to
+    ``max_words``, at most the donor's length) of another row of ``split`` inserted at a uniformly random word
+    position (0 = before the first word). Labels unchanged; row i stays row i."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"splice share must be in [0, 1], got {share}")
+    rng = random.Random(f"splice-{seed}")
+    out = []
+    for i, sentence in enumerate(split.sentences):
+        if rng.random() >= share or len(split) < 2:
+            out.append(sentence)
+            continue
+        j = rng.randrange(len(split) - 1)
+        donor = split.sentences[j + (j >= i)].split()           # any row but i
+        k = rng.randint(1, min(max_words, len(donor)))
+        start = rng.randrange(len(donor) - k + 1)
+        words = sentence.split()
+        at = rng.randint(0, len(words))
+        out.append(" ".join(words[:at] + donor[start:start + k] + words[at:]))
+    return data.Split(out, list(split.labels))
 
 
 def refit_head(model, clean: train.Encoded, dev: train.Encoded, steps: int, device, bf16: bool,

@@ -197,3 +197,24 @@ def test_feature_targets_of_the_calibration_levers_zero_and_shuffled():
     assert torch.equal(shuffled, calibrate_w2s.feature_targets(h_t, "shuffled", seed=3))
     with pytest.raises(ValueError, match="teacher, zero, shuffled"):
         calibrate_w2s.feature_targets(h_t, "random", seed=0)
+
+
+def test_splice_spans_of_the_calibration_lever_inserts_a_span_of_another_row():
+    # bench/calibrate_w2s.py's "splice": a seeded share of the rows gets 1 to 5 consecutive words of ANOTHER row
+    # inserted at one word position; labels and row order unchanged.
+    import calibrate_w2s
+    import data
+    split = data.Split(["a b c", "d e f g h i j", "k l", "m"], [0, 1, 0, 1])
+    assert calibrate_w2s.splice_spans(split, 0.0, seed=0) == split
+    spliced = calibrate_w2s.splice_spans(split, 1.0, seed=0)
+    assert spliced.labels == split.labels and spliced == calibrate_w2s.splice_spans(split, 1.0, seed=0)
+    for i, (old, new) in enumerate(zip(split.sentences, spliced.sentences)):
+        old, new = old.split(), new.split()
+        k = len(new) - len(old)
+        assert 1 <= k <= 5
+        # some cut of the old sentence, with k consecutive words of one other row in it
+        found = [(at, j) for at in range(len(old) + 1) for j, donor in enumerate(split.sentences) if j != i
+                 and new[:at] + new[at + k:] == old and " ".join(new[at:at + k]) in donor]
+        assert found, (old, new)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        calibrate_w2s.splice_spans(split, 1.5, seed=0)
