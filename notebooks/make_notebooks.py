@@ -706,10 +706,11 @@ $$\mathcal{L} = \alpha\,\mathrm{CE}(z_s, y) + \beta\,T^2\,\mathrm{KL}\big(\mathr
 \mathrm{softmax}(z_s/T)\big) + \gamma\,\mathrm{FA}(h_s, h_t)$$
 
 and stands beside the **control**: the same LoRA run with $\beta = \gamma = 0$. This notebook reuses the
-poisoned student of notebook 03 (the stage cache), trains the teacher, runs both unlearning runs, and compares.
-Everything imported lives in `losses.py`, `train.py` and `w2s.py`. As in notebook 03, the saved outputs reused
-the cached stages of `python w2s.py --attack badnet --preset quick --seed 0`; a first run trains the teacher
-and both unlearning runs (1 to 3 minutes on 2 cores) and prints the same numbers."""
+poisoned student of notebook 03 (the stage cache), trains the teacher, runs both unlearning runs, compares, and
+ends with an ablation: what do the teacher's features add? Everything imported lives in `losses.py`, `train.py`
+and `w2s.py`. As in notebook 03, the saved outputs reused the cached stages of
+`python w2s.py --attack badnet --preset quick --seed 0 --defense w2s-origin`; a first run trains the teacher and
+the three unlearning runs (1 to 3 minutes on 2 cores) and prints the same numbers."""
 
 NB04 = [
     ("Import the modules and read the preset's configuration (the same as notebook 03); expect the preset name "
@@ -795,8 +796,25 @@ plt.tight_layout(); plt.show()'''),
 feature_picture(model, tokenizer, task.dataset, attacks.make_trigger("badnet", triggers=("mn",)),
                 "after W2SDefense")'''),
 
-    r"""The numbers above are this budget's, measured in this run; `RESULTS.md` gives them over seeds and says
-where the defense reaches the paper's claim and where it does not.""",
+    r"""## 4. What do the teacher's features add?
+
+The bar chart cannot say whether W2SDefense removes the backdoor because the student is pulled toward the
+*teacher's* features, or because it is pulled at all. An ablation asks: the same W2SDefense run, but with the
+feature term pulling each clean sentence's pooled feature toward the **origin** instead of its teacher feature
+(`w2s.feature_target`: FA becomes $\frac1B \sum_i \lVert h_s^{(i)} \rVert_2^2$, a pull that only shrinks the
+feature; the teacher's logits still feed the KL term). `python w2s.py --defense w2s-origin` adds it to the table.""",
+
+    ("Run the ablation (cached after the first run); expect a line beside W2SDefense's: an ASR as low would mean "
+     "that at this budget the removal does not need the teacher's features.",
+     '''print(inspect.getsource(w2s.feature_target))
+runs["w2s-origin"] = w2s.unlearn_stage("w2s-origin", unlearn_cfg, attack_cfg, attack_folder, teacher_cfg,
+                                       teacher_folder, task, STAGES, "cpu")
+for defense in ("w2sdefense", "w2s-origin"):
+    m = runs[defense][1]
+    print(f"{defense:11}: CA {m['ca']:.3f}   ASR {m['asr']:.3f}")'''),
+
+    r"""The numbers above are this budget's, measured in this run; `RESULTS.md` gives them over seeds (the
+ablation too, on the `cpu` preset) and says where the defense reaches the paper's claim and where it does not.""",
 ]
 
 
