@@ -479,8 +479,8 @@ def fa_distance(cfg: UnlearnConfig) -> str:
 def feature_target(defense: str, h_t: torch.Tensor) -> torch.Tensor:
     """What the feature term pulls each clean sentence's pooled feature toward: W2SDefense, its teacher feature
     ``h_t[i]``; the ablation ``w2s-origin``, the origin, so that ``FA = 1/B * sum_i ||h_s[i]||^2`` asks only for
-    a smaller feature. (The teacher's logits still feed the KL term.) On dev the two removed about as much of a
-    held-out backdoor (RESULTS.md, "without the teacher"); this row puts the question to the test set."""
+    a smaller feature. (The teacher's logits still feed the KL term.) What the difference does to CA and ASR is
+    measured, on dev and on the reported rows, in RESULTS.md ("toward the origin")."""
     return torch.zeros_like(h_t) if defense == "w2s-origin" else h_t
 
 
