@@ -26,7 +26,7 @@ head alone (backbone and LoRA frozen) for n full-batch AdamW steps of cross-entr
 pooled features, keeping the head with the best clean dev accuracy (``refit_head``); ``"splice": f`` inserts,
 into a seeded share f of the defender's clean sentences, a span of 1 to 5 consecutive words of another of them
 (``splice_spans``), keeping the label and, for W2SDefense, the unperturbed sentence's teacher logits and feature
-as the targets: an insertion the defender makes up from clean data alone, which a clean teacher hardly notices.
+as the targets: an insertion the defender makes up from clean data alone (not W2SDefense: an augmentation).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
