@@ -9,9 +9,9 @@ lora or none); each is trained on the defender's clean subset, selected on clean
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
 sentences. The test set is never read. One JSON line per entry.
 
-Seven levers exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
+Levers that exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
-poisoned one; ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
+poisoned one, ``"head": "frozen"`` keeps the poisoned head and does not train it (only the LoRA moves); ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
 sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature);
 ``"fa_block": k`` aligns the last real token's state after block k (0-based), read through the final norm as the
 head would read it, instead of the final one (the head still reads the final state); ``"gamma_ramp": f`` raises
@@ -87,8 +87,12 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         frozen = w2s.add_lora(model, cfg)
+        if head not in ("keep", "fresh", "frozen"):
+            raise ValueError(f"unknown head {head!r}; choose one of keep, fresh, frozen")
         if head == "fresh":
             model.reset_head(torch.Generator().manual_seed(cfg.seed))
+        if head == "frozen":                          # the poisoned head, not trained: only the LoRA moves
+            model.head.requires_grad_(False)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
         e_ca, e_asr, e_floor = enc(dev_ca), enc(dev_asr), enc(dev_floor)
