@@ -218,3 +218,12 @@ def test_splice_spans_of_the_calibration_lever_inserts_a_span_of_another_row():
         assert found, (old, new)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         calibrate_w2s.splice_spans(split, 1.5, seed=0)
+
+
+def test_head_growth_margin_direction_by_hand():
+    # bench/head_growth.py: the norm of the head's row difference w_0 - w_1 = ||(3, 0) - (0, 4)|| = 5
+    import head_growth
+    assert head_growth.margin_direction({"head.bias": torch.zeros(2),
+                                         "head.weight": torch.tensor([[3.0, 0.0], [0.0, 4.0]])}) == pytest.approx(5.0)
+    with pytest.raises(SystemExit, match="3 classes"):
+        head_growth.margin_direction({"head.weight": torch.zeros(3, 2)})
