@@ -11,7 +11,8 @@ sentences. The test set is never read. One JSON line per entry.
 
 Levers that exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
-poisoned one, ``"head": "frozen"`` keeps the poisoned head and does not train it (only the LoRA moves); ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
+poisoned one, ``"head": "frozen"`` keeps the poisoned head and does not train it (only the LoRA moves);
+``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
 sentence's teacher feature (the mean over its tokens), not only the last token's (the pooled feature);
 ``"fa_block": k`` aligns the last real token's state after block k (0-based), read through the final norm as the
 head would read it, instead of the final one (the head still reads the final state); ``"gamma_ramp": f`` raises
