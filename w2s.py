@@ -163,11 +163,11 @@ PRESETS = {
     },
 }
 
-DEFENSES = ("none", "lora", "w2sdefense", "w2s-origin")
 # The unlearning stages each defense runs, in table order: a defense stands beside the plain-LoRA control, and the
 # ablation beside what it ablates.
 DEFENSE_ROWS = {"none": [], "lora": ["lora"], "w2sdefense": ["lora", "w2sdefense"],
                 "w2s-origin": ["lora", "w2sdefense", "w2s-origin"]}
+DEFENSES = tuple(DEFENSE_ROWS)
 POISON_MODES = ("clean", "dirty", "dirty-any")
 # The students' projections LoRA can wrap: attention, then the MLP (Llama-style gate/up/down; GPT-2's fc/proj).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc", "proj")

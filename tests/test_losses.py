@@ -227,3 +227,16 @@ def test_head_growth_margin_direction_by_hand():
                                          "head.weight": torch.tensor([[3.0, 0.0], [0.0, 4.0]])}) == pytest.approx(5.0)
     with pytest.raises(SystemExit, match="3 classes"):
         head_growth.margin_direction({"head.weight": torch.zeros(3, 2)})
+
+
+def test_head_growth_log_summary_by_hand():
+    # bench/head_growth.py --logs: FA first 10; the last 2 steps' FA (6 + 4) / 2 = 5, CE (0.2 + 0.4) / 2 = 0.3;
+    # KL share beta*kd / (alpha*ce) per step: 0.1*1/(1*0.5) = 0.2, 0.1*2/0.2 = 1.0, 0.1*3/0.4 = 0.75
+    import head_growth
+    history = [{"fa": 10.0, "ce": 0.5, "kd": 1.0}, {"fa": 6.0, "ce": 0.2, "kd": 2.0}, {"fa": 4.0, "ce": 0.4, "kd": 3.0}]
+    out = head_growth.log_summary(history, {"alpha": 1.0, "beta": 0.1}, last=2)
+    assert out["fa_first"] == 10.0 and out["fa_last"] == pytest.approx(5.0) and out["ce_last"] == pytest.approx(0.3)
+    assert out["kl_share_median"] == pytest.approx(0.75) and out["kl_share_max"] == pytest.approx(1.0)
+    control = head_growth.log_summary([{"ce": h["ce"]} for h in history], {"alpha": 1.0, "beta": 0.0}, last=2)
+    assert control == {"fa_first": None, "fa_last": None, "ce_last": pytest.approx(0.3),
+                       "kl_share_median": None, "kl_share_max": None}
