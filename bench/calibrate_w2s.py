@@ -27,7 +27,11 @@ head alone (backbone and LoRA frozen) for n full-batch AdamW steps of cross-entr
 pooled features, keeping the head with the best clean dev accuracy (``refit_head``); ``"splice": f`` inserts,
 into a seeded share f of the defender's clean sentences, a span of 1 to 5 consecutive words of another of them
 (``splice_spans``), keeping the label and, for W2SDefense, the unperturbed sentence's teacher logits and feature
-as the targets: an insertion the defender makes up from clean data alone (not W2SDefense: an augmentation).
+as the targets: an insertion the defender makes up from clean data alone (not W2SDefense: an augmentation);
+``"latent": {"block": b, "eps": e}`` adds BEEAR's idea (REFERENCE.md §4) without its knowledge of the target:
+one universal perturbation per true class, added to the residual stream after block b at every real token, grown
+each step to raise that class's cross-entropy and kept within L2 norm e, while the student learns to keep its
+labels under it (``latent_adversarial``; optional "weight", default alpha, and "step", default e / 4).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -82,6 +86,7 @@ def main(argv=None) -> None:
         head_refit = over.pop("head_refit", 0)
         fa_target = over.pop("fa_target", "teacher")
         splice = over.pop("splice", 0.0)
+        latent = over.pop("latent", None)
         cfg = dataclasses.replace(u, **over)
         if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
@@ -123,6 +128,13 @@ def main(argv=None) -> None:
                     steps = round(cfg.epochs * -(-len(clean) // cfg.batch_size))
                     loss_fn = block_ramp_loss(al, be, ga, cfg.T, z_t, h_t, fa_block, round(gamma_ramp * steps),
                                               gamma_decay, steps)
+            if latent is not None:
+                if set(latent) - {"block", "eps", "weight", "step"}:
+                    raise ValueError(f"latent takes block, eps, weight, step; got {sorted(latent)}")
+                if latent["block"] < frozen:
+                    raise ValueError(f"latent block {latent['block']} lies in the frozen prefix (blocks 0-{frozen - 1})")
+                loss_fn = latent_adversarial(loss_fn, latent["block"], latent["eps"], latent.get("weight", al),
+                                             latent.get("step", latent["eps"] / 4))
             # Row i of the spliced set is clean sentence i with a span inserted (or unchanged): the targets
             # computed above, on the clean sentences, stay aligned by row.
             trained_on = splice_spans(clean, splice, cfg.seed) if splice else clean
@@ -151,6 +163,8 @@ def main(argv=None) -> None:
             over["fa_target"] = fa_target
         if splice:
             over["splice"] = splice
+        if latent is not None:
+            over["latent"] = latent
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -234,6 +248,49 @@ def feature_targets(h_t: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     if kind == "shuffled":
         return h_t[torch.randperm(len(h_t), generator=torch.Generator().manual_seed(seed))]
     raise ValueError(f"unknown fa_target {kind!r}; choose one of teacher, zero, shuffled")
+
+
+def latent_adversarial(loss_fn, block: int, eps: float, weight: float, step: float):
+    """``loss_fn`` plus ``weight * CE(z(x; delta_y), y)``: a second forward pass of the batch with ``delta_y`` added
+    to the residual stream after block ``block`` at every real token of a row of true label y.
+
+    ``delta`` (C, d) is universal (one row per class, shared by every sentence and step) and persistent: before
+    each step it takes a normalised gradient-ascent step on that cross-entropy,
+    ``delta_c <- P(delta_c + step * g_c / ||g_c||)``, ``g_c`` the gradient the previous step's backward left on
+    it and ``P`` the projection onto the L2 ball of radius ``eps``; rows of a class without sentences in the
+    previous batch stay. So the adversary looks for the one shift of the latent state that moves each class
+    off its label (what a trigger does to the non-target class, BEEAR's observation), and the student learns to
+    keep its labels under that shift, on clean data and without knowing the target or the trigger."""
+    delta = None
+
+    def ascend():
+        g = delta.grad
+        with torch.no_grad():
+            norm = g.norm(dim=-1, keepdim=True)
+            delta.add_(step * g / norm.clamp_min(1e-12) * (norm > 0))
+            delta.mul_(eps / delta.norm(dim=-1, keepdim=True).clamp_min(eps))      # onto the ball of radius eps
+        delta.grad = None
+
+    def wrapped(model, batch):
+        nonlocal delta
+        inputs = batch.inputs()
+        if delta is None:
+            delta = torch.zeros(model.num_classes, model.feature_dim, device=batch.labels.device, requires_grad=True)
+        elif delta.grad is not None:
+            ascend()
+        total, terms = loss_fn(model, batch)
+        real = inputs["attention_mask"][..., None]                                        # (B, T, 1)
+        push = delta[batch.labels][:, None, :]                                            # (B, 1, d)
+        hook = model.backbone.blocks[block].register_forward_hook(
+            lambda m, i, x: x + (push * real).to(x.dtype))
+        try:
+            z_adv = model(**inputs)
+        finally:
+            hook.remove()
+        adv = losses.cross_entropy(z_adv, batch.labels)
+        return total + weight * adv, {**terms, "adv": adv.item(), "delta": delta.norm(dim=-1).max().item()}
+    wrapped.delta = lambda: delta
+    return wrapped
 
 
 def splice_spans(split: data.Split, share: float, seed: int, max_words: int = 5) -> data.Split:

@@ -240,3 +240,48 @@ def test_head_growth_log_summary_by_hand():
     control = head_growth.log_summary([{"ce": h["ce"]} for h in history], {"alpha": 1.0, "beta": 0.0}, last=2)
     assert control == {"fa_first": None, "fa_last": None, "ce_last": pytest.approx(0.3),
                        "kl_share_median": None, "kl_share_max": None}
+
+
+def test_latent_shift_stats_by_hand():
+    # bench/latent_shift.py: clean norms 5, 0, 10 -> median 5; moves (0,1), (2,0), (0,3): norms 1, 2, 3 -> median 2;
+    # mean move (2/3, 4/3) ~ (1, 2): cosines 2/sqrt5, 1/sqrt5, 2/sqrt5 -> mean sqrt5 / 3.
+    import latent_shift
+    x_clean = torch.tensor([[3.0, 4.0], [0.0, 0.0], [6.0, 8.0]])
+    x_trig = x_clean + torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    got = latent_shift.shift_stats(x_clean, x_trig)
+    assert got == pytest.approx({"norm": 5.0, "shift": 2.0, "uniformity": 5 ** 0.5 / 3})
+    # class means (3, 4) and mean((0, 0), (6, 8)) = (3, 4): gap 0; moving the class-1 rows by (0, 2): gap 2.
+    assert latent_shift.class_gap(x_clean, torch.tensor([1, 0, 0])) == pytest.approx(0.0)
+    assert latent_shift.class_gap(x_clean + torch.tensor([[0.0, 2.0], [0, 0], [0, 0]]), torch.tensor([1, 0, 0])) \
+        == pytest.approx(2.0)
+
+
+def test_latent_adversarial_lever_adds_one_perturbation_per_class_and_ascends_within_the_ball():
+    # bench/calibrate_w2s.py's latent_adversarial (experimental lever). Step 1: delta = 0, so the second forward
+    # is the clean one. Step 2: delta_c = P(step * g_c / ||g_c||) with step 3 > eps 0.5: eps * g_c / ||g_c||;
+    # class 1 has no row in the batch (zero gradient) and stays 0. The adversarial term equals the CE of a forward
+    # whose residual stream after block 1 gets delta_y at the real tokens only (checked through the prefix entry).
+    from types import SimpleNamespace
+    import calibrate_w2s
+    from test_models import tiny_classifier
+    clf = tiny_classifier("llama", n_layer=3, num_classes=2, seed=5)
+    ids, mask = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    labels = torch.tensor([0, 0])
+    batch = SimpleNamespace(inputs=lambda: {"input_ids": ids, "attention_mask": mask}, labels=labels,
+                            index=torch.tensor([0, 1]))
+    base = lambda model, b: (torch.zeros(()), {"ce": 0.0})
+    loss = calibrate_w2s.latent_adversarial(base, block=1, eps=0.5, weight=2.0, step=3.0)
+    total, terms = loss(clf, batch)
+    assert total.item() == pytest.approx(2.0 * losses.cross_entropy(clf(ids, mask), labels).item(), rel=1e-5)
+    total.backward()
+    g = loss.delta().grad.clone()
+    assert g[0].norm() > 0 and torch.equal(g[1], torch.zeros_like(g[1]))
+    total, terms = loss(clf, batch)
+    delta = loss.delta().detach()
+    assert torch.allclose(delta[0], 0.5 * g[0] / g[0].norm(), atol=1e-6) and torch.equal(delta[1], torch.zeros_like(delta[1]))
+    assert terms["delta"] == pytest.approx(0.5, rel=1e-5)
+    with torch.no_grad():
+        x = clf.backbone.hidden_states(ids, mask, layer=1) + delta[labels][:, None] * mask[..., None]
+        expect = losses.cross_entropy(clf(ids, mask, prefix=(x, 2)), labels).item()
+    assert terms["adv"] == pytest.approx(expect, rel=1e-5)
+    assert not clf.backbone.blocks[1]._forward_hooks                    # the hook is removed after each call
