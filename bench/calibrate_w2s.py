@@ -93,12 +93,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         frozen = w2s.add_lora(model, cfg)
-        if head not in ("keep", "fresh", "frozen"):
-            raise ValueError(f"unknown head {head!r}; choose one of keep, fresh, frozen")
-        if head == "fresh":
-            model.reset_head(torch.Generator().manual_seed(cfg.seed))
-        if head == "frozen":                          # the poisoned head, not trained: only the LoRA moves
-            model.head.requires_grad_(False)
+        prepare_head(model, head, cfg.seed)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
         e_ca, e_asr, e_floor = enc(dev_ca), enc(dev_asr), enc(dev_floor)
@@ -170,6 +165,17 @@ def main(argv=None) -> None:
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
                           **({"curve": curve} if curve else {})}), flush=True)
+
+
+def prepare_head(model, head: str, seed: int) -> None:
+    """The head lever: ``"keep"`` the poisoned head, trained (w2s.py); ``"fresh"`` a seeded new one, trained;
+    ``"frozen"`` the poisoned head, not trained (only the LoRA moves)."""
+    if head not in ("keep", "fresh", "frozen"):
+        raise ValueError(f"unknown head {head!r}; choose one of keep, fresh, frozen")
+    if head == "fresh":
+        model.reset_head(torch.Generator().manual_seed(seed))
+    if head == "frozen":
+        model.head.requires_grad_(False)
 
 
 def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:
