@@ -164,7 +164,15 @@ def main(argv=None) -> None:
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
+                          **({"last25": last_terms(fit.history)} if fit else {}),
                           **({"curve": curve} if curve else {})}), flush=True)
+
+
+def last_terms(history: list[dict], n: int = 25) -> dict:
+    """Each logged loss term's mean over the last ``n`` steps of a run's per-step log (``FitResult.history``)."""
+    tail = history[-n:]
+    keys = [k for k in tail[0] if k != "step"] if tail else []
+    return {k: round(sum(row[k] for row in tail) / len(tail), 4) for k in keys}
 
 
 def prepare_head(model, head: str, seed: int) -> None:

@@ -303,3 +303,11 @@ def test_head_lever_of_the_calibration_script_keeps_resets_or_freezes_the_head()
         assert any(n.startswith("head.") for n in trainable) == (head != "frozen")
     with pytest.raises(ValueError, match="keep, fresh, frozen"):
         calibrate_w2s.prepare_head(clf, "random", seed=0)
+
+
+def test_last_terms_of_the_calibration_script_by_hand():
+    import calibrate_w2s
+    history = [{"step": s, "loss": float(s), "fa": 10.0 * s} for s in range(1, 31)]    # last 25: steps 6..30
+    assert calibrate_w2s.last_terms(history) == {"loss": 18.0, "fa": 180.0}
+    assert calibrate_w2s.last_terms(history[:2], n=25) == {"loss": 1.5, "fa": 15.0}
+    assert calibrate_w2s.last_terms([]) == {}
