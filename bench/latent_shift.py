@@ -13,13 +13,12 @@ its triggered copy share), for each block ``b`` (0-based; the residual stream af
 * ``shift``: the median of ||x_b(x~_i) - x_b(x_i)||, how far the trigger moves it;
 * ``uniformity``: mean_i cos(x_b(x~_i) - x_b(x_i), mean_j (x_b(x~_j) - x_b(x_j))): 1 when every sentence is
   moved the same way, about 0 when the moves point anywhere;
-* ``class_gap``: ||mean of x_b over the clean dev sentences of one class - the same over the other|| (the first
-  300 dev sentences; two classes), for scale: how far apart the clean classes sit.
+* ``class_gap``: ||mean of x_b over the clean dev sentences of one class - the same over the other|| (the seeded
+  300 dev sentences of bench/calibrate_w2s.py's dev CA; two classes), for scale: how far apart the clean classes sit.
 
 One JSON line per block.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
