@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     trigger, _ = w2s.make_triggers(a, args.data_dir)
     dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
-    dev_ca = w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
+    dev_ca = dev_ca_set(task)
     trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence}}.get(a.attack, {})
     print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"]}),
           flush=True)
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
-                          **({"last25": last_terms(fit.history)} if fit else {}),
+                          **({"last25": {k: round(v, 4) for k, v in last_terms(fit.history).items()}} if fit else {}),
                           **({"curve": curve} if curve else {})}), flush=True)
 
 
@@ -172,7 +172,7 @@ def last_terms(history: list[dict], n: int = 25) -> dict:
     """Each logged loss term's mean over the last ``n`` steps of a run's per-step log (``FitResult.history``)."""
     tail = history[-n:]
     keys = [k for k in tail[0] if k != "step"] if tail else []
-    return {k: round(sum(row[k] for row in tail) / len(tail), 4) for k in keys}
+    return {k: sum(row[k] for row in tail) / len(tail) for k in keys}
 
 
 def prepare_head(model, head: str, seed: int) -> None:
@@ -184,6 +184,11 @@ def prepare_head(model, head: str, seed: int) -> None:
         model.reset_head(torch.Generator().manual_seed(seed))
     if head == "frozen":
         model.head.requires_grad_(False)
+
+
+def dev_ca_set(task: w2s.Task) -> data.Split:
+    """The 300 clean dev sentences (seeded) on which the dev CA is measured."""
+    return w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
 
 
 def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:

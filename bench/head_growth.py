@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import weights  # noqa: E402
+from calibrate_w2s import last_terms  # noqa: E402
 
 
 def stage_of(stages: Path, prefix: str, row: dict) -> Path:
@@ -40,11 +41,9 @@ def margin_direction(state: dict) -> float:
 def log_summary(history: list[dict], weights_: dict, last: int = 25) -> dict:
     """FA at the first step, mean FA and CE over the ``last`` steps, and the weighted KL's share of the weighted
     CE per step (median, max). A term the run did not log (the control logs CE only) is None."""
-    tail = history[-last:]
-    has_fa = "fa" in history[0]
-    out = {"fa_first": history[0]["fa"] if has_fa else None,
-           "fa_last": sum(h["fa"] for h in tail) / len(tail) if has_fa else None,
-           "ce_last": sum(h["ce"] for h in tail) / len(tail), "kl_share_median": None, "kl_share_max": None}
+    means = last_terms(history, last)
+    out = {"fa_first": history[0].get("fa"), "fa_last": means.get("fa"), "ce_last": means["ce"],
+           "kl_share_median": None, "kl_share_max": None}
     if weights_["beta"]:
         share = sorted(weights_["beta"] * h["kd"] / (weights_["alpha"] * h["ce"]) for h in history)
         out.update(kl_share_median=share[len(share) // 2], kl_share_max=share[-1])

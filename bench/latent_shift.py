@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
-from calibrate_w2s import dev_pairs  # noqa: E402
+from calibrate_w2s import dev_ca_set, dev_pairs  # noqa: E402
 
 
 def shift_stats(x_clean: torch.Tensor, x_trig: torch.Tensor) -> dict:
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     n = len(model.backbone.blocks)
     if any(not 0 <= b < n for b in args.blocks):
         raise SystemExit(f"latent_shift.py: blocks must be in 0..{n - 1}, got {args.blocks}")
-    dev = w2s.subset(task.dataset.dev, 300, 0, "dev-ca")            # calibrate_w2s.py's dev CA sentences
+    dev = dev_ca_set(task)
     states = [block_states(model, train.encode(tokenizer, s.sentences, s.labels, u.max_length), args.blocks,
                            device, u.bf16) for s in (clean, trig, dev)]
     for b in args.blocks:
