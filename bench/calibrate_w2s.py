@@ -31,7 +31,10 @@ as the targets: an insertion the defender makes up from clean data alone (not W2
 ``"latent": {"block": b, "eps": e}`` adds BEEAR's idea (REFERENCE.md §4) without its knowledge of the target:
 one universal perturbation per true class, added to the residual stream after block b at every real token, grown
 each step to raise that class's cross-entropy and kept within L2 norm e, while the student learns to keep its
-labels under it (``latent_adversarial``; optional "weight", default alpha, and "step", default e / 4).
+labels under it (``latent_adversarial``; optional "weight", default alpha, and "step", default e / 4);
+``"prune": {"blocks": k, "share": p}`` is fine-pruning (Liu et al., 2018) before the LoRA goes in: in each of the
+top k blocks, the share p of MLP units that contribute least to the residual stream over the defender's clean
+sentences (``mlp_contributions``) are removed (``prune_units``); with "defense" "none", the pruning alone.
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -87,11 +90,15 @@ def main(argv=None) -> None:
         fa_target = over.pop("fa_target", "teacher")
         splice = over.pop("splice", 0.0)
         latent = over.pop("latent", None)
+        prune = over.pop("prune", None)
         cfg = dataclasses.replace(u, **over)
         if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
+        if prune is not None:
+            prune_dormant(model, tokenizer, prune, w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed,
+                                                               "defender-clean"), cfg, device)
         frozen = w2s.add_lora(model, cfg)
         prepare_head(model, head, cfg.seed)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
@@ -160,6 +167,8 @@ def main(argv=None) -> None:
             over["splice"] = splice
         if latent is not None:
             over["latent"] = latent
+        if prune is not None:
+            over["prune"] = prune
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -310,6 +319,65 @@ def latent_adversarial(loss_fn, block: int, eps: float, weight: float, step: flo
         return total + weight * adv, {**terms, "adv": adv.item(), "delta": delta.norm(dim=-1).max().item()}
     wrapped.delta = lambda: delta
     return wrapped
+
+
+def mlp_contributions(model, data: train.Encoded, blocks, device, bf16: bool, batch_size: int = 64) -> dict:
+    """{b: (d_ff,)} each MLP unit j's mean contribution to the residual stream in block ``b`` over every real
+    token of ``data``: ``mean |a_j| * ||W_down[:, j]||``, ``a_j = silu(gate_j(x)) * up_j(x)`` the unit's activation
+    (what the down projection reads) and ``W_down[:, j]`` the direction it writes."""
+    mlps = [model.backbone.blocks[b].mlp for b in blocks]
+    if any(m.style != "llama" for m in mlps):
+        raise ValueError("mlp_contributions reads a SwiGLU MLP's down projection (Llama-style students)")
+    sums = {b: torch.zeros(m.down_proj.in_features) for b, m in zip(blocks, mlps)}
+    seen, tokens = {}, 0
+    hooks = [m.down_proj.register_forward_hook(lambda mod, i, out, b=b: seen.update({b: i[0]}))
+             for b, m in zip(blocks, mlps)]
+    try:
+        with torch.no_grad(), train.bf16_weights(model, enabled=bf16, frozen_only=False):
+            for batch in train.batches(data, batch_size):
+                batch = batch.to(device)
+                with train.autocast(device, bf16):
+                    model.backbone.hidden_states(batch.input_ids, batch.attention_mask)
+                real = batch.attention_mask.bool()                                       # (B, T)
+                tokens += int(real.sum())
+                for b in blocks:
+                    sums[b] += seen[b][real].float().abs().sum(0).cpu()                   # (d_ff,)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {b: sums[b] / tokens * m.down_proj.weight.detach().float().norm(dim=0).cpu() for b, m in zip(blocks, mlps)}
+
+
+def prune_units(model, scores: dict, share: float) -> dict:
+    """In each block ``b`` of ``scores``, remove the ``round(share * d_ff)`` MLP units with the smallest score
+    (ties to the lower index): their down-projection columns set to zero, so they write nothing. {b: indices}."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"prune share must be in [0, 1), got {share}")
+    removed = {}
+    for b, score in scores.items():
+        idx = torch.argsort(score, stable=True)[:round(share * len(score))]
+        weight = model.backbone.blocks[b].mlp.down_proj.weight                          # (d, d_ff)
+        with torch.no_grad():
+            weight[:, idx.to(weight.device)] = 0.0
+        removed[b] = idx
+    return removed
+
+
+def prune_dormant(model, tokenizer, prune: dict, clean: data.Split, cfg, device) -> None:
+    """The prune lever: score the MLP units of the top ``prune["blocks"]`` blocks on the defender's clean
+    sentences, remove ``prune["share"]`` of each block's (before any LoRA; the pruned blocks must get LoRA, so
+    no frozen-prefix cache holds their unpruned states)."""
+    if set(prune) != {"blocks", "share"}:
+        raise ValueError(f"prune takes blocks and share; got {sorted(prune)}")
+    n = len(model.backbone.blocks)
+    if not 1 <= prune["blocks"] <= n:
+        raise ValueError(f"prune blocks must be in 1..{n}, got {prune['blocks']}")
+    if cfg.lora_layers is not None and prune["blocks"] > cfg.lora_layers:
+        raise ValueError(f"prune blocks {prune['blocks']} reach below the {cfg.lora_layers} blocks with LoRA")
+    model.to(device).eval()
+    blocks = list(range(n - prune["blocks"], n))
+    enc = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
+    prune_units(model, mlp_contributions(model, enc, blocks, device, cfg.bf16), prune["share"])
 
 
 def splice_spans(split: data.Split, share: float, seed: int, max_words: int = 5) -> data.Split:

@@ -311,3 +311,55 @@ def test_last_terms_of_the_calibration_script_by_hand():
     assert calibrate_w2s.last_terms(history) == {"loss": 18.0, "fa": 180.0}
     assert calibrate_w2s.last_terms(history[:2], n=25) == {"loss": 1.5, "fa": 15.0}
     assert calibrate_w2s.last_terms([]) == {}
+
+
+def test_prune_lever_of_the_calibration_script_scores_units_on_real_tokens_and_removes_the_weakest():
+    # bench/calibrate_w2s.py's prune lever (experimental). The score of unit j in block b is the mean over real
+    # tokens of |a_j| times ||W_down[:, j]||, a_j = silu(gate_j(h)) * up_j(h), h = norm2 of the residual stream
+    # after block b's attention: recomputed here from the block's parts, one unpadded sentence at a time (so a
+    # padding token counted by the batched pass would show).
+    import torch.nn.functional as F
+    import calibrate_w2s
+    import train
+    from test_models import tiny_classifier
+    clf = tiny_classifier("llama", n_layer=3, num_classes=2, seed=7)
+    ids = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    data = train.Encoded(ids, torch.tensor([0, 1, 0]), pad_id=0)
+    got = calibrate_w2s.mlp_contributions(clf, data, [1, 2], "cpu", bf16=False, batch_size=3)
+    for b in (1, 2):
+        block = clf.backbone.blocks[b]
+        acts = []
+        with torch.no_grad():
+            for row in ids:
+                x = torch.tensor([row])
+                mask = torch.ones_like(x)
+                h = clf.backbone.hidden_states(x, mask, layer=b - 1)                      # b >= 1
+                captured = {}
+                hook = block.attn.register_forward_hook(lambda m, i, out: captured.update(attn=out))
+                block(h, *clf_block_args(clf, x, mask))
+                hook.remove()
+                n2 = block.norm2(h + captured["attn"])
+                acts.append((F.silu(block.mlp.gate_proj(n2)) * block.mlp.up_proj(n2))[0])      # (len, d_ff)
+        expect = torch.cat(acts).abs().mean(0) * block.mlp.down_proj.weight.norm(dim=0)
+        assert torch.allclose(got[b], expect, rtol=1e-4, atol=1e-6)
+    # prune_units by hand: scores (3, 1, 2, 1, 0, 5) and share 0.5 -> the three smallest: units 4, 1, 3 (ties to
+    # the lower index); their down columns are zero, the others untouched.
+    w = clf.backbone.blocks[2].mlp.down_proj.weight
+    before = w.detach().clone()
+    score = torch.zeros(w.shape[1]) + 10.0
+    score[:6] = torch.tensor([3.0, 1.0, 2.0, 1.0, 0.0, 5.0])
+    removed = calibrate_w2s.prune_units(clf, {2: score}, share=3 / w.shape[1])
+    assert removed[2].tolist() == [4, 1, 3]
+    assert torch.equal(w[:, [1, 3, 4]], torch.zeros(w.shape[0], 3))
+    keep = [j for j in range(w.shape[1]) if j not in (1, 3, 4)]
+    assert torch.equal(w[:, keep], before[:, keep])
+    with pytest.raises(ValueError, match="share"):
+        calibrate_w2s.prune_units(clf, {2: score}, share=1.0)
+
+
+def clf_block_args(clf, x, mask):
+    """(mask, rope) of a Llama-style block's forward for the unpadded ids ``x``, as the backbone builds them."""
+    import models
+    positions, attn_mask = models.positions_and_mask(mask, x.shape[1], x.device)
+    rope = models.rope_cos_sin(positions, clf.backbone.cfg.head_dim, clf.backbone.cfg.rope_base)
+    return attn_mask, rope
