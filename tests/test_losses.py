@@ -285,6 +285,12 @@ def test_latent_adversarial_lever_adds_one_perturbation_per_class_and_ascends_wi
         expect = losses.cross_entropy(clf(ids, mask, prefix=(x, 2)), labels).item()
     assert terms["adv"] == pytest.approx(expect, rel=1e-5)
     assert not clf.backbone.blocks[1]._forward_hooks                    # the hook is removed after each call
+    # A step that stays inside the ball is not projected: step 0.1 < eps 0.5 gives delta_0 = 0.1 * g_0 / ||g_0||.
+    small = calibrate_w2s.latent_adversarial(base, block=1, eps=0.5, weight=2.0, step=0.1)
+    small(clf, batch)[0].backward()
+    g = small.delta().grad.clone()
+    small(clf, batch)
+    assert torch.allclose(small.delta().detach()[0], 0.1 * g[0] / g[0].norm(), atol=1e-6)
 
 
 def test_head_lever_of_the_calibration_script_keeps_resets_or_freezes_the_head():
