@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     grid = json.loads(args.grid)
     a, t, u, eval_size = w2s.resolve_configs(args)
+    w2s.check_configs(a, t, u, "w2sdefense", args.data_dir)
+    refuse_syntactic(a.attack, "calibrate_w2s.py")
     device = w2s.pick_device(args.device)
     stages = Path(args.stages)
     task = w2s.build_task(a, eval_size, args.data_dir)
@@ -198,6 +200,14 @@ def prepare_head(model, head: str, seed: int) -> None:
 def dev_ca_set(task: w2s.Task) -> data.Split:
     """The 300 clean dev sentences (seeded) on which the dev CA is measured."""
     return w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
+
+
+def refuse_syntactic(attack: str, script: str) -> None:
+    """The dev-side scripts measure a trigger on NON-target dev sentences (``dev_pairs``); SST-2's SCPN dev file
+    paraphrases only negative (target) ones, so the syntactic attack has none. Refused before any training."""
+    if attack == "syntactic":
+        raise SystemExit(f"{script}: the syntactic attack has no triggered non-target dev sentences; "
+                         "use badnet or insent")
 
 
 def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
 import w2s  # noqa: E402
-from calibrate_w2s import dev_pairs  # noqa: E402
+from calibrate_w2s import dev_pairs, refuse_syntactic  # noqa: E402
 
 
 def feature_gap(s_clean, s_trig, t_clean, t_trig) -> dict:
@@ -63,9 +63,7 @@ def main(argv=None) -> None:
     args = w2s.parser().parse_args(argv)
     a, t, u, eval_size = w2s.resolve_configs(args)
     w2s.check_configs(a, t, u, "w2sdefense", args.data_dir)
-    if a.attack == "syntactic":     # SST-2's SCPN dev file paraphrases only negative (target) sentences
-        raise SystemExit("feature_gap.py: the syntactic attack has no triggered non-target dev sentences; "
-                         "use badnet or insent")
+    refuse_syntactic(a.attack, "feature_gap.py")
     device = w2s.pick_device(args.device)
     stages = Path(args.stages)
     task = w2s.build_task(a, eval_size, args.data_dir)

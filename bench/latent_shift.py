@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
-from calibrate_w2s import dev_ca_set, dev_pairs  # noqa: E402
+from calibrate_w2s import dev_ca_set, dev_pairs, refuse_syntactic  # noqa: E402
 
 
 def shift_stats(x_clean: torch.Tensor, x_trig: torch.Tensor) -> dict:
@@ -76,9 +76,8 @@ def main(argv=None) -> None:
                         help="blocks (0-based) whose output is measured")
     args = parser.parse_args(argv)
     a, t, u, eval_size = w2s.resolve_configs(args)
-    if a.attack == "syntactic":     # SST-2's SCPN dev file paraphrases only negative (target) sentences
-        raise SystemExit("latent_shift.py: the syntactic attack has no triggered non-target dev sentences; "
-                         "use badnet or insent")
+    w2s.check_configs(a, t, u, "none", args.data_dir)
+    refuse_syntactic(a.attack, "latent_shift.py")
     device = w2s.pick_device(args.device)
     task = w2s.build_task(a, eval_size, args.data_dir)
     attack_folder, _ = w2s.attack_stage(a, task, Path(args.stages), device)

@@ -286,6 +286,19 @@ def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("script, extra", [("calibrate_w2s", ["--grid", "[{}]"]), ("feature_gap", []),
+                                           ("latent_shift", [])])
+def test_dev_side_bench_scripts_refuse_the_syntactic_attack_before_any_work(script, extra, tmp_path):
+    # bench/: the trigger is measured on non-target dev sentences, which SST-2's SCPN dev file does not paraphrase
+    import importlib
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit, match=f"{script}.py: the syntactic attack has no triggered non-target dev"):
+        main(["--attack", "syntactic", "--stages", str(tmp_path / "s"), *extra])
+    with pytest.raises(SystemExit, match="--rank must be positive"):          # w2s.py's checks first, the same
+        main(["--rank", "0", "--stages", str(tmp_path / "s"), *extra])
+    assert not (tmp_path / "s").exists()
+
+
 def test_cli_rejects_unknown_preset():
     with pytest.raises(SystemExit):
         w2s.parser().parse_args(["--preset", "huge"])
