@@ -34,7 +34,10 @@ each step to raise that class's cross-entropy and kept within L2 norm e, while t
 labels under it (``latent_adversarial``; optional "weight", default alpha, and "step", default e / 4);
 ``"prune": {"blocks": k, "share": p}`` is fine-pruning (Liu et al., 2018) before the LoRA goes in: in each of the
 top k blocks, the share p of MLP units that contribute least to the residual stream over the defender's clean
-sentences (``mlp_contributions``) are removed (``prune_units``); with "defense" "none", the pruning alone.
+sentences (``mlp_contributions``) are removed (``prune_units``); with "defense" "none", the pruning alone;
+``"mix": k`` moves every backbone weight back toward the pretrained student's before the LoRA goes in,
+``w_pre + k * (w - w_pre)`` (``interpolate_weights``; Fine-mixing's idea, Zhang et al. 2022, in WiSE-FT's
+deterministic form), the head kept: it assumes the defender has the pretrained weights, which W2SDefense does not.
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -93,11 +96,14 @@ def main(argv=None) -> None:
         splice = over.pop("splice", 0.0)
         latent = over.pop("latent", None)
         prune = over.pop("prune", None)
+        mix = over.pop("mix", None)
         cfg = dataclasses.replace(u, **over)
         if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
+        if mix is not None:
+            interpolate_weights(model.backbone, models.load_student(a.student)[0], mix)
         if prune is not None:
             prune_dormant(model, tokenizer, prune, w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed,
                                                                "defender-clean"), cfg, device)
@@ -171,6 +177,8 @@ def main(argv=None) -> None:
             over["latent"] = latent
         if prune is not None:
             over["prune"] = prune
+        if mix is not None:
+            over["mix"] = mix
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
@@ -388,6 +396,21 @@ def prune_dormant(model, tokenizer, prune: dict, clean: data.Split, cfg, device)
     blocks = list(range(n - prune["blocks"], n))
     enc = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
     prune_units(model, mlp_contributions(model, enc, blocks, device, cfg.bf16), prune["share"])
+
+
+def interpolate_weights(module: torch.nn.Module, reference: torch.nn.Module, keep: float) -> None:
+    """In place, every parameter ``w`` of ``module`` becomes ``w_ref + keep * (w - w_ref)``, ``w_ref`` the parameter
+    of the same name in ``reference`` (same architecture): ``keep`` 1 leaves ``module`` as it is, 0 makes it
+    ``reference``."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {keep}")
+    ref = dict(reference.named_parameters())
+    ours = dict(module.named_parameters())
+    if ref.keys() != ours.keys() or any(ref[n].shape != p.shape for n, p in ours.items()):
+        raise ValueError("interpolate_weights needs two modules of the same architecture")
+    with torch.no_grad():
+        for name, w in ours.items():
+            w.copy_(keep * w + (1.0 - keep) * ref[name].to(w))            # the same, exact at both ends
 
 
 def splice_spans(split: data.Split, share: float, seed: int, max_words: int = 5) -> data.Split:
