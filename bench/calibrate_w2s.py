@@ -7,7 +7,9 @@ The attacker's stage (BadNet with the held-out trigger, here `cf`) and the teach
 cache. Each grid entry overrides fields of the preset's UnlearnConfig ("defense" picks w2sdefense (default),
 lora or none); each is trained on the defender's clean subset, selected on clean dev accuracy as in w2s.py,
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
-sentences. The test set is never read. One JSON line per entry.
+sentences. The test set is never read. One JSON line per entry; a trained entry also gives "dev_acc", the
+accuracy on the whole clean dev set of the checkpoint kept (what selected it: an upward-biased but larger sample
+than the 300), beside the poisoned student's own ("poisoned_dev_acc", first line).
 
 Levers that exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
@@ -81,8 +83,8 @@ def main(argv=None) -> None:
     dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
     dev_ca = dev_ca_set(task)
     trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence}}.get(a.attack, {})
-    print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"]}),
-          flush=True)
+    print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"],
+                      "poisoned_dev_acc": poisoned["best_dev_acc"]}), flush=True)
     for over in grid:
         over = dict(over)
         defense = over.pop("defense", "w2sdefense")
@@ -181,6 +183,7 @@ def main(argv=None) -> None:
             over["mix"] = mix
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
+                          **({"dev_acc": round(fit.best_dev_acc, 4)} if fit else {}),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
                           **({"last25": {k: round(v, 4) for k, v in last_terms(fit.history).items()}} if fit else {}),

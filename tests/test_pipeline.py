@@ -188,6 +188,32 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
 
 
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(tmp_path, capsys):
+    """bench/calibrate_w2s.py, which every choice of the defaults went through: the header line, then one line per
+    grid entry with the dev measures (fractions); trained entries add the kept checkpoint's dev accuracy and the
+    loss terms' last-25 means; the levers that change the model before training (here the mix) run too."""
+    import calibrate_w2s
+    student, teacher, ds = make_tiny_world(tmp_path)
+    grid = [{"defense": "none"}, {"defense": "lora"}, {}, {"defense": "none", "mix": 0.0}]
+    calibrate_w2s.main([
+        "--preset", "quick", "--student", str(student), "--teacher", str(teacher), "--dataset", str(ds),
+        "--stages", str(tmp_path / "stages"), "--poison-rate", "0.25", "--poison-mode", "dirty",
+        "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1", "--clean-size", "32",
+        "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1", "--lora-layers", "1",
+        "--precision", "fp32", "--grid", json.dumps(grid)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    header, rows = lines[0], lines[1:]
+    assert header["attack"] == "badnet" and 0 <= header["teacher_dev_acc"] <= 1 and 0 <= header["poisoned_dev_acc"] <= 1
+    assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none"]
+    assert rows[3]["over"] == {"mix": 0.0}
+    for r in rows:
+        assert all(0.0 <= r[k] <= 1.0 for k in ("dev_ca", "dev_asr", "dev_asr_floor"))
+        assert ("dev_acc" in r) == ("last25" in r) == (r["defense"] != "none")
+    assert rows[0]["dev_asr"] >= 0.9                   # the tiny poisoned student answers the trigger
+    assert set(rows[2]["last25"]) >= {"ce", "kd", "fa"} and set(rows[1]["last25"]) >= {"ce"}
+
+
 def test_feature_target_of_the_origin_ablation_by_hand():
     h_s = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
     h_t = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
