@@ -348,8 +348,8 @@ def test_prune_lever_of_the_calibration_script_scores_units_on_real_tokens_and_r
                 acts.append((F.silu(block.mlp.gate_proj(n2)) * block.mlp.up_proj(n2))[0])      # (len, d_ff)
         expect = torch.cat(acts).abs().mean(0) * block.mlp.down_proj.weight.norm(dim=0)
         assert torch.allclose(got[b], expect, rtol=1e-4, atol=1e-6)
-    # prune_units by hand: scores (3, 1, 2, 1, 0, 5) and share 0.5 -> the three smallest: units 4, 1, 3 (ties to
-    # the lower index); their down columns are zero, the others untouched.
+    # prune_units by hand: scores (3, 1, 2, 1, 0, 5, then 10s) and share 3 / d_ff -> the three smallest: 4, 1, 3
+    # (ties to the lower index); their down columns are zero, the others untouched.
     w = clf.backbone.blocks[2].mlp.down_proj.weight
     before = w.detach().clone()
     score = torch.zeros(w.shape[1]) + 10.0
