@@ -112,6 +112,8 @@ def main(argv=None) -> None:
         frozen = w2s.add_lora(model, cfg)
         prepare_head(model, head, cfg.seed)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
+        if mix is not None:                 # mixed bottom blocks are nobody else's: no sharing of their states
+            memo_key = (*memo_key, "mix", mix)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
         e_ca, e_asr, e_floor = enc(dev_ca), enc(dev_asr), enc(dev_floor)
 

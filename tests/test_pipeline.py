@@ -134,13 +134,16 @@ def make_tiny_world(root: Path):
     return student, teacher, ds
 
 
+def tiny_argv(root, student, teacher, ds, *extra) -> list[str]:
+    return ["--preset", "quick", "--student", str(student), "--teacher", str(teacher), "--dataset", str(ds),
+            "--stages", str(root / "stages"), "--out", str(root / "run"), "--poison-rate", "0.25",
+            "--poison-mode", "dirty", "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1",
+            "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1",
+            "--lora-layers", "1", "--precision", "fp32", *extra]
+
+
 def tiny_args(root, student, teacher, ds, *extra):
-    return w2s.parser().parse_args([
-        "--preset", "quick", "--student", str(student), "--teacher", str(teacher), "--dataset", str(ds),
-        "--stages", str(root / "stages"), "--out", str(root / "run"), "--poison-rate", "0.25",
-        "--poison-mode", "dirty", "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1",
-        "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1",
-        "--lora-layers", "1", "--precision", "fp32", *extra])
+    return w2s.parser().parse_args(tiny_argv(root, student, teacher, ds, *extra))
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
@@ -196,12 +199,7 @@ def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(t
     import calibrate_w2s
     student, teacher, ds = make_tiny_world(tmp_path)
     grid = [{"defense": "none"}, {"defense": "lora"}, {}, {"defense": "none", "mix": 0.0}]
-    calibrate_w2s.main([
-        "--preset", "quick", "--student", str(student), "--teacher", str(teacher), "--dataset", str(ds),
-        "--stages", str(tmp_path / "stages"), "--poison-rate", "0.25", "--poison-mode", "dirty",
-        "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1", "--clean-size", "32",
-        "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1", "--lora-layers", "1",
-        "--precision", "fp32", "--grid", json.dumps(grid)])
+    calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps(grid)))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     header, rows = lines[0], lines[1:]
     assert header["attack"] == "badnet" and 0 <= header["teacher_dev_acc"] <= 1 and 0 <= header["poisoned_dev_acc"] <= 1
