@@ -337,3 +337,29 @@ def test_collect_results_mean_and_sample_std_by_hand():
     lines = collect_results.table(runs).splitlines()
     assert lines[2] == "| 0 | 0.900 / 0.100 | 0.880 | 60 |"
     assert lines[-1] == "| mean ± std | 0.900 ± 0.000 / 0.200 ± 0.141 | 0.880 ± 0.000 |  |"
+
+
+def test_screen_gate_means_by_hand(tmp_path):
+    # bench/screen_gate.py reads a screen's gate. Planted students: dev ASR 0.08 and 0.14 -> mean 0.11 (over 0.10);
+    # whole dev 0.90 -> 0.88 and 0.92 -> 0.92: mean 0.91 -> 0.90, a drop of 1.0 point. The third student (poisoned
+    # dev ASR 0.5) was not planted and is left out, though its line would pass.
+    import screen_gate
+    files = []
+    for i, (p_asr, p_acc, asr, acc) in enumerate(((0.98, 0.90, 0.08, 0.88), (0.95, 0.92, 0.14, 0.92),
+                                                  (0.5, 0.90, 0.0, 0.95))):
+        f = tmp_path / f"s{i}.jsonl"
+        f.write_text("\n".join(json.dumps(r) for r in (
+            {"seed": i, "poisoned_dev_acc": p_acc},
+            {"defense": "none", "over": {}, "dev_ca": 0.9, "dev_asr": p_asr},
+            {"defense": "w2sdefense", "over": {"mix": 0.25}, "dev_ca": 0.9, "dev_asr": asr, "dev_acc": acc})) + "\n")
+        files.append(f)
+    rows = [screen_gate.student(f) for f in files]
+    assert rows[0]["change"] == pytest.approx(-2.0)
+    g = screen_gate.gate(rows, max_asr=0.10, max_drop=1.5, planted=0.80)
+    assert (g["students"], g["left_out"]) == (2, 1)
+    assert g["mean_asr"] == pytest.approx(0.11) and g["mean_drop"] == pytest.approx(1.0)
+    assert not g["passes"]
+    assert screen_gate.gate(rows, max_asr=0.12, max_drop=1.5, planted=0.80)["passes"]
+    assert not screen_gate.gate(rows, max_asr=0.12, max_drop=0.9, planted=0.80)["passes"]
+    with pytest.raises(SystemExit, match="lacks"):
+        screen_gate.student(files[0], over={"mix": 0.5})

@@ -1,0 +1,83 @@
+"""Read the gate of a calibration screen from its JSON lines: per student, then the mean over a trigger's students.
+
+    .venv/bin/python bench/screen_gate.py bench/calibration/cpu_seed{5,6,7}_cf_mix_g02_screen.jsonl
+
+Each file is one student's output of bench/calibrate_w2s.py: the header line (with "poisoned_dev_acc", the whole-dev
+accuracy of the poisoned student), the ``{"defense": "none"}`` line (its dev ASR tells whether the backdoor was
+planted), then the line the gate reads (the last line, or the one whose "over" equals --over). The gate, as the
+screens in bench/calibration/README.md write it:
+
+- the mean dev ASR of the line is at most --max-asr, and
+- its mean "dev_acc" (whole dev set) is at most --max-drop points below the mean "poisoned_dev_acc".
+
+A student whose poisoned dev ASR is under --planted was not planted: it is printed and left out of the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def read_lines(path: Path) -> list[dict]:
+    try:
+        lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read {path}: {e}")
+    if not lines or "poisoned_dev_acc" not in lines[0]:
+        raise SystemExit(f"error: {path} does not start with bench/calibrate_w2s.py's header line")
+    return lines
+
+
+def student(path: Path, over: dict | None = None) -> dict:
+    """One student's row: its poisoned dev ASR and whole-dev accuracy, and the gated line's dev CA, ASR and whole-dev
+    accuracy (the change in points is dev_acc - poisoned_dev_acc, times 100)."""
+    header, *rest = read_lines(path)
+    poisoned = [r for r in rest if r.get("defense") == "none"]
+    gated = [r for r in rest if r.get("defense") != "none" and (over is None or r.get("over") == over)]
+    if not poisoned or not gated:
+        raise SystemExit(f"error: {path} lacks the poisoned line or the line to gate"
+                         + ("" if over is None else f" (over {json.dumps(over)})"))
+    line = gated[-1]
+    return {"file": path.name, "poisoned_asr": poisoned[0]["dev_asr"], "poisoned_acc": header["poisoned_dev_acc"],
+            "dev_ca": line["dev_ca"], "dev_asr": line["dev_asr"], "dev_acc": line["dev_acc"],
+            "change": 100.0 * (line["dev_acc"] - header["poisoned_dev_acc"])}
+
+
+def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float) -> dict:
+    """The means over the planted students and whether they pass."""
+    kept = [r for r in rows if r["poisoned_asr"] >= planted]
+    if not kept:
+        raise SystemExit("error: no planted student to gate")
+    asr = statistics.mean(r["dev_asr"] for r in kept)
+    drop = 100.0 * (statistics.mean(r["poisoned_acc"] for r in kept) - statistics.mean(r["dev_acc"] for r in kept))
+    return {"students": len(kept), "left_out": len(rows) - len(kept), "mean_asr": asr, "mean_drop": drop,
+            "passes": asr <= max_asr and drop <= max_drop}
+
+
+def report(rows: list[dict], g: dict) -> str:
+    lines = [f"{r['file']}: poisoned dev ASR {r['poisoned_asr']:.3f}, whole dev {r['poisoned_acc']:.4f}; "
+             f"line dev CA / ASR {r['dev_ca']:.3f} / {r['dev_asr']:.3f}, whole dev {r['dev_acc']:.4f} "
+             f"({r['change']:+.1f} points)" for r in rows]
+    lines.append(f"mean over {g['students']} planted students ({g['left_out']} left out): dev ASR {g['mean_asr']:.3f}, "
+                 f"whole-dev drop {g['mean_drop']:.1f} points -> {'PASSES' if g['passes'] else 'FAILS'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", type=Path, help="one JSON-lines file per student, of one trigger")
+    p.add_argument("--over", type=json.loads, default=None, help="the gated line's \"over\" (default: the last line)")
+    p.add_argument("--max-asr", type=float, default=0.10, help="the highest mean dev ASR that passes")
+    p.add_argument("--max-drop", type=float, default=1.5, help="the most whole-dev accuracy points the mean may lose")
+    p.add_argument("--planted", type=float, default=0.80, help="a poisoned dev ASR under this was not planted")
+    args = p.parse_args(argv)
+    rows = [student(f, args.over) for f in args.files]
+    print(report(rows, gate(rows, args.max_asr, args.max_drop, args.planted)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
