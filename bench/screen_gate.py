@@ -54,8 +54,9 @@ def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float) -> d
         raise SystemExit("error: no planted student to gate")
     asr = statistics.mean(r["dev_asr"] for r in kept)
     drop = 100.0 * (statistics.mean(r["poisoned_acc"] for r in kept) - statistics.mean(r["dev_acc"] for r in kept))
+    tol = 1e-9                  # a mean at a limit passes; 100 * (0.9 - 0.885) = 1.5000000000000013
     return {"students": len(kept), "left_out": len(rows) - len(kept), "mean_asr": asr, "mean_drop": drop,
-            "passes": asr <= max_asr and drop <= max_drop}
+            "passes": asr <= max_asr + tol and drop <= max_drop + tol}
 
 
 def report(rows: list[dict], g: dict) -> str:
