@@ -24,9 +24,16 @@ from pathlib import Path
 
 def read_lines(path: Path) -> list[dict]:
     try:
-        lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
-    except (OSError, json.JSONDecodeError) as e:
+        text = path.read_text()
+    except OSError as e:
         raise SystemExit(f"error: cannot read {path}: {e}")
+    lines = []
+    for number, s in enumerate(text.splitlines(), 1):
+        if s.strip():
+            try:
+                lines.append(json.loads(s))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}, line {number}: not JSON ({e})")
     if not lines or "poisoned_dev_acc" not in lines[0]:
         raise SystemExit(f"error: {path} does not start with bench/calibrate_w2s.py's header line")
     return lines

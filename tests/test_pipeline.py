@@ -366,3 +366,6 @@ def test_screen_gate_means_by_hand(tmp_path):
     # At the limit passes: 0.900 -> 0.885 is a drop of exactly 1.5 points, which floats make 1.5000000000000013.
     at_limit = [dict(rows[0], poisoned_acc=0.900, dev_acc=0.885, dev_asr=0.10)]
     assert screen_gate.gate(at_limit, max_asr=0.10, max_drop=1.5, planted=0.80)["passes"]
+    files[1].write_text(files[1].read_text() + "{not json\n")
+    with pytest.raises(SystemExit, match="s1.jsonl, line 4"):
+        screen_gate.student(files[1])
