@@ -35,7 +35,8 @@ def read_lines(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise SystemExit(f"error: {path}, line {number}: not JSON ({e})")
     if not lines or "poisoned_dev_acc" not in lines[0]:
-        raise SystemExit(f"error: {path} does not start with bench/calibrate_w2s.py's header line")
+        raise SystemExit(f"error: {path} does not start with a header line holding \"poisoned_dev_acc\" "
+                         "(bench/calibrate_w2s.py's; files written before that measure lack it)")
     return lines
 
 
@@ -49,6 +50,8 @@ def student(path: Path, over: dict | None = None) -> dict:
         raise SystemExit(f"error: {path} lacks the poisoned line or the line to gate"
                          + ("" if over is None else f" (over {json.dumps(over)})"))
     line = gated[-1]
+    if "dev_acc" not in line:
+        raise SystemExit(f"error: {path}: the gated line has no whole-dev accuracy (\"dev_acc\"); older lines lack it")
     return {"file": path.name, "poisoned_asr": poisoned[0]["dev_asr"], "poisoned_acc": header["poisoned_dev_acc"],
             "dev_ca": line["dev_ca"], "dev_asr": line["dev_asr"], "dev_acc": line["dev_acc"],
             "change": 100.0 * (line["dev_acc"] - header["poisoned_dev_acc"])}
