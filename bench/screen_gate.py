@@ -1,11 +1,15 @@
 """Read the gate of a calibration screen from its JSON lines: per student, then the mean over a trigger's students.
 
     .venv/bin/python bench/screen_gate.py bench/calibration/cpu_seed{5,6,7}_cf_mix_g02_screen.jsonl
+    # a context line, whose file has no poisoned line: name the student's files together, comma-separated
+    .venv/bin/python bench/screen_gate.py --over '{}' $(for s in 5 6 7; do
+        echo bench/calibration/cpu_seed${s}_cf_mix_g02_screen.jsonl,bench/calibration/cpu_seed${s}_cf_mix_g02_context.jsonl; done)
 
-Each file is one student's output of bench/calibrate_w2s.py: the header line (with "poisoned_dev_acc", the whole-dev
-accuracy of the poisoned student), the ``{"defense": "none"}`` line (its dev ASR tells whether the backdoor was
-planted), then the line the gate reads (the last line, or the one whose "over" equals --over). The gate, as the
-screens in bench/calibration/README.md write it:
+Each argument is one student: one or more output files of bench/calibrate_w2s.py for it, comma-separated, each
+starting with the same header line (with "poisoned_dev_acc", the whole-dev accuracy of the poisoned student). Among
+their lines, the ``{"defense": "none"}`` line (its dev ASR tells whether the backdoor was planted), and the line the
+gate reads: the last other line, or the last whose "over" equals --over and whose "defense" equals --defense. The
+gate, as the screens in bench/calibration/README.md write it:
 
 - the mean dev ASR of the line is at most --max-asr, and
 - its mean "dev_acc" (whole dev set) is at most --max-drop points below the mean "poisoned_dev_acc".
@@ -40,21 +44,30 @@ def read_lines(path: Path) -> list[dict]:
     return lines
 
 
-def student(path: Path, over: dict | None = None) -> dict:
-    """One student's row: its poisoned dev ASR and whole-dev accuracy, and the gated line's dev CA, ASR and whole-dev
-    accuracy (the change in points is dev_acc - poisoned_dev_acc, times 100)."""
-    header, *rest = read_lines(path)
+def student(paths: list[Path], over: dict | None = None, defense: str | None = None) -> dict:
+    """One student's row, from its files: its poisoned dev ASR and whole-dev accuracy, and the gated line's dev CA,
+    ASR, floor and whole-dev accuracy (the change in points is dev_acc - poisoned_dev_acc, times 100)."""
+    name = ",".join(str(p) for p in paths)
+    headers, rest = [], []
+    for path in paths:
+        header, *lines = read_lines(path)
+        headers.append(header["poisoned_dev_acc"])
+        rest += lines
+    if len(set(headers)) != 1:
+        raise SystemExit(f"error: {name}: the files are of different students (poisoned_dev_acc {sorted(set(headers))})")
     poisoned = [r for r in rest if r.get("defense") == "none"]
-    gated = [r for r in rest if r.get("defense") != "none" and (over is None or r.get("over") == over)]
+    gated = [r for r in rest if r.get("defense") != "none" and (over is None or r.get("over") == over)
+             and (defense is None or r.get("defense") == defense)]
     if not poisoned or not gated:
-        raise SystemExit(f"error: {path} lacks the poisoned line or the line to gate"
-                         + ("" if over is None else f" (over {json.dumps(over)})"))
+        wanted = "".join(f" ({k} {json.dumps(v)})" for k, v in (("over", over), ("defense", defense)) if v is not None)
+        raise SystemExit(f"error: {name} lacks the poisoned line or the line to gate{wanted}")
     line = gated[-1]
     if "dev_acc" not in line:
-        raise SystemExit(f"error: {path}: the gated line has no whole-dev accuracy (\"dev_acc\"); older lines lack it")
-    return {"file": path.name, "poisoned_asr": poisoned[0]["dev_asr"], "poisoned_acc": header["poisoned_dev_acc"],
-            "dev_ca": line["dev_ca"], "dev_asr": line["dev_asr"], "dev_acc": line["dev_acc"],
-            "change": 100.0 * (line["dev_acc"] - header["poisoned_dev_acc"])}
+        raise SystemExit(f"error: {name}: the gated line has no whole-dev accuracy (\"dev_acc\"); older lines lack it")
+    return {"file": ",".join(p.name for p in paths), "poisoned_asr": poisoned[0]["dev_asr"],
+            "poisoned_acc": headers[0], "dev_ca": line["dev_ca"], "dev_asr": line["dev_asr"],
+            "floor": line.get("dev_asr_floor"), "dev_acc": line["dev_acc"],
+            "change": 100.0 * (line["dev_acc"] - headers[0])}
 
 
 def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float) -> dict:
@@ -71,7 +84,7 @@ def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float) -> d
 
 def report(rows: list[dict], g: dict) -> str:
     lines = [f"{r['file']}: poisoned dev ASR {r['poisoned_asr']:.3f}, whole dev {r['poisoned_acc']:.4f}; "
-             f"line dev CA / ASR {r['dev_ca']:.3f} / {r['dev_asr']:.3f}, whole dev {r['dev_acc']:.4f} "
+             f"line dev CA / ASR {r['dev_ca']:.3f} / {r['dev_asr']:.3f} (floor {'-' if r['floor'] is None else format(r['floor'], '.3f')}), whole dev {r['dev_acc']:.4f} "
              f"({r['change']:+.1f} points)" for r in rows]
     lines.append(f"mean over {g['students']} planted students ({g['left_out']} left out): dev ASR {g['mean_asr']:.3f}, "
                  f"whole-dev drop {g['mean_drop']:.1f} points -> {'PASSES' if g['passes'] else 'FAILS'}")
@@ -80,13 +93,14 @@ def report(rows: list[dict], g: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("files", nargs="+", type=Path, help="one JSON-lines file per student, of one trigger")
+    p.add_argument("students", nargs="+", help="per student, its JSON-lines file(s), comma-separated")
     p.add_argument("--over", type=json.loads, default=None, help="the gated line's \"over\" (default: the last line)")
+    p.add_argument("--defense", default=None, help="the gated line's \"defense\", e.g. lora (default: any)")
     p.add_argument("--max-asr", type=float, default=0.10, help="the highest mean dev ASR that passes")
     p.add_argument("--max-drop", type=float, default=1.5, help="the most whole-dev accuracy points the mean may lose")
     p.add_argument("--planted", type=float, default=0.80, help="a poisoned dev ASR under this was not planted")
     args = p.parse_args(argv)
-    rows = [student(f, args.over) for f in args.files]
+    rows = [student([Path(f) for f in s.split(",")], args.over, args.defense) for s in args.students]
     print(report(rows, gate(rows, args.max_asr, args.max_drop, args.planted)))
 
 

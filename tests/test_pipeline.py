@@ -353,7 +353,7 @@ def test_screen_gate_means_by_hand(tmp_path):
             {"defense": "none", "over": {}, "dev_ca": 0.9, "dev_asr": p_asr},
             {"defense": "w2sdefense", "over": {"mix": 0.25}, "dev_ca": 0.9, "dev_asr": asr, "dev_acc": acc})) + "\n")
         files.append(f)
-    rows = [screen_gate.student(f) for f in files]
+    rows = [screen_gate.student([f]) for f in files]
     assert rows[0]["change"] == pytest.approx(-2.0)
     g = screen_gate.gate(rows, max_asr=0.10, max_drop=1.5, planted=0.80)
     assert (g["students"], g["left_out"]) == (2, 1)
@@ -362,10 +362,22 @@ def test_screen_gate_means_by_hand(tmp_path):
     assert screen_gate.gate(rows, max_asr=0.12, max_drop=1.5, planted=0.80)["passes"]
     assert not screen_gate.gate(rows, max_asr=0.12, max_drop=0.9, planted=0.80)["passes"]
     with pytest.raises(SystemExit, match="lacks"):
-        screen_gate.student(files[0], over={"mix": 0.5})
+        screen_gate.student([files[0]], over={"mix": 0.5})
     # At the limit passes: 0.900 -> 0.885 is a drop of exactly 1.5 points, which floats make 1.5000000000000013.
     at_limit = [dict(rows[0], poisoned_acc=0.900, dev_acc=0.885, dev_asr=0.10)]
     assert screen_gate.gate(at_limit, max_asr=0.10, max_drop=1.5, planted=0.80)["passes"]
+    # A context line in a file of its own (no poisoned line there): the student's files read together, the line
+    # picked by its defense. Seed 0's CE-only line: whole dev 0.90 -> 0.87, a change of -3.0 points.
+    context = tmp_path / "s0_context.jsonl"
+    context.write_text("\n".join(json.dumps(r) for r in (
+        {"seed": 0, "poisoned_dev_acc": 0.90},
+        {"defense": "lora", "over": {"mix": 0.25}, "dev_ca": 0.9, "dev_asr": 0.2, "dev_acc": 0.87})) + "\n")
+    with pytest.raises(SystemExit, match="lacks"):
+        screen_gate.student([context])
+    row = screen_gate.student([files[0], context], over={"mix": 0.25}, defense="lora")
+    assert row["dev_asr"] == 0.2 and row["change"] == pytest.approx(-3.0) and row["poisoned_asr"] == 0.98
+    with pytest.raises(SystemExit, match="different students"):
+        screen_gate.student([files[1], context])
     files[1].write_text(files[1].read_text() + "{not json\n")
     with pytest.raises(SystemExit, match="s1.jsonl, line 4"):
-        screen_gate.student(files[1])
+        screen_gate.student([files[1]])
