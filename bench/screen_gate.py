@@ -12,7 +12,10 @@ gate reads: the last other line, or the last whose "over" equals --over and whos
 gate, as the screens in bench/calibration/README.md write it:
 
 - the mean dev ASR of the line is at most --max-asr, and
-- its mean "dev_acc" (whole dev set) is at most --max-drop points below the mean "poisoned_dev_acc".
+- its mean "dev_acc" (whole dev set) is at most --max-drop points below the mean "poisoned_dev_acc", and
+- with --max-over-floor, the mean of (dev ASR - its floor) is at most that: the floor ("dev_asr_floor") is the share
+  of the same non-target dev sentences the line misreads WITHOUT the trigger, so this reads what the trigger still
+  adds, where --max-asr reads it together with the clean errors on that class.
 
 A student whose poisoned dev ASR is under --planted was not planted: it is printed and left out of the means.
 """
@@ -70,7 +73,8 @@ def student(paths: list[Path], over: dict | None = None, defense: str | None = N
             "change": 100.0 * (line["dev_acc"] - headers[0])}
 
 
-def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float) -> dict:
+def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float,
+         max_over_floor: float | None = None) -> dict:
     """The means over the planted students and whether they pass."""
     kept = [r for r in rows if r["poisoned_asr"] >= planted]
     if not kept:
@@ -78,16 +82,24 @@ def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float) -> d
     asr = statistics.mean(r["dev_asr"] for r in kept)
     drop = 100.0 * (statistics.mean(r["poisoned_acc"] for r in kept) - statistics.mean(r["dev_acc"] for r in kept))
     tol = 1e-9                  # a mean at a limit passes; 100 * (0.9 - 0.885) = 1.5000000000000013
+    passes = asr <= max_asr + tol and drop <= max_drop + tol
+    over_floor = None
+    if max_over_floor is not None:
+        if any(r["floor"] is None for r in kept):
+            raise SystemExit("error: --max-over-floor needs each gated line's \"dev_asr_floor\"; older lines lack it")
+        over_floor = statistics.mean(r["dev_asr"] - r["floor"] for r in kept)
+        passes = passes and over_floor <= max_over_floor + tol
     return {"students": len(kept), "left_out": len(rows) - len(kept), "mean_asr": asr, "mean_drop": drop,
-            "passes": asr <= max_asr + tol and drop <= max_drop + tol}
+            "mean_over_floor": over_floor, "passes": passes}
 
 
 def report(rows: list[dict], g: dict) -> str:
     lines = [f"{r['file']}: poisoned dev ASR {r['poisoned_asr']:.3f}, whole dev {r['poisoned_acc']:.4f}; "
              f"line dev CA / ASR {r['dev_ca']:.3f} / {r['dev_asr']:.3f} (floor {'-' if r['floor'] is None else format(r['floor'], '.3f')}), whole dev {r['dev_acc']:.4f} "
              f"({r['change']:+.1f} points)" for r in rows]
-    lines.append(f"mean over {g['students']} planted students ({g['left_out']} left out): dev ASR {g['mean_asr']:.3f}, "
-                 f"whole-dev drop {g['mean_drop']:.1f} points -> {'PASSES' if g['passes'] else 'FAILS'}")
+    over = "" if g["mean_over_floor"] is None else f" ({g['mean_over_floor']:+.3f} over its floor)"
+    lines.append(f"mean over {g['students']} planted students ({g['left_out']} left out): dev ASR {g['mean_asr']:.3f}"
+                 f"{over}, whole-dev drop {g['mean_drop']:.1f} points -> {'PASSES' if g['passes'] else 'FAILS'}")
     return "\n".join(lines)
 
 
@@ -98,10 +110,12 @@ def main(argv=None) -> None:
     p.add_argument("--defense", default=None, help="the gated line's \"defense\", e.g. lora (default: any)")
     p.add_argument("--max-asr", type=float, default=0.10, help="the highest mean dev ASR that passes")
     p.add_argument("--max-drop", type=float, default=1.5, help="the most whole-dev accuracy points the mean may lose")
+    p.add_argument("--max-over-floor", type=float, default=None,
+                   help="the highest mean of (dev ASR - its floor) that passes (default: not gated)")
     p.add_argument("--planted", type=float, default=0.80, help="a poisoned dev ASR under this was not planted")
     args = p.parse_args(argv)
     rows = [student([Path(f) for f in s.split(",")], args.over, args.defense) for s in args.students]
-    print(report(rows, gate(rows, args.max_asr, args.max_drop, args.planted)))
+    print(report(rows, gate(rows, args.max_asr, args.max_drop, args.planted, args.max_over_floor)))
 
 
 if __name__ == "__main__":
