@@ -14,6 +14,9 @@ Stages (each cached under a hash of its configuration, so a second defense or se
               (the plain-LoRA control, ``--defense lora``), same seed, data and budget.
               ``--defense w2s-origin`` adds an ablation beside both: W2SDefense with the feature term pulling
               toward the origin instead of the teacher's feature (what the teacher's features add).
+              ``--defense mix-w2s`` first moves the poisoned student's weights a quarter of the way back from
+              the pretrained student's (``MIX_KEEP``), then runs W2SDefense (cpu preset: on the whole clean
+              set for one epoch, feature weight 0.02; ``MIX_UNLEARN``), beside the control at that budget.
 
 Checkpoints are chosen on clean dev accuracy only; the test set is read once per model, at the end.
 """
@@ -166,7 +169,17 @@ PRESETS = {
 # The unlearning stages each defense runs, in table order: a defense stands beside the plain-LoRA control, and the
 # ablation beside what it ablates.
 DEFENSE_ROWS = {"none": [], "lora": ["lora"], "w2sdefense": ["lora", "w2sdefense"],
-                "w2s-origin": ["lora", "w2sdefense", "w2s-origin"]}
+                "w2s-origin": ["lora", "w2sdefense", "w2s-origin"], "mix-w2s": ["lora", "mix-w2s"]}
+# mix-w2s: Fine-mixing's idea (Zhang et al. 2022, here in WiSE-FT's deterministic form) before W2SDefense. The
+# defender also needs the pretrained student's weights (public for an open model; W2SDefense alone does not need
+# them). Each backbone weight w of the poisoned student becomes w_pre + MIX_KEEP * (w - w_pre); the head is kept.
+# Chosen on the clean dev set with held-out triggers (BadNet `cf`, InSent "we loved that old song"), seeds 3-10:
+# bench/calibration/README.md ("Mixing, ..."), in the cpu preset. Its unlearning settings replace the preset's for
+# the whole run, the control's too, so that both have the same budget; an option the user gives still wins. (quick
+# already has gamma 0.02 and keeps its small budget; paper already unlearns on the whole clean set.)
+MIX_KEEP = 0.25
+MIX_UNLEARN = {"quick": {}, "cpu": dict(clean_size=None, epochs=1.0, evals_per_epoch=2, gamma=0.02),
+               "paper": dict(gamma=0.02)}
 DEFENSES = tuple(DEFENSE_ROWS)
 POISON_MODES = ("clean", "dirty", "dirty-any")
 # The students' projections LoRA can wrap: attention, then the MLP (Llama-style gate/up/down; GPT-2's fc/proj).
@@ -513,17 +526,43 @@ def add_lora(model, cfg: UnlearnConfig) -> int:
     return frozen
 
 
-def prefix_owner(model, frozen: int, acfg: AttackConfig, attack_folder: Path) -> tuple:
+def interpolate_weights(module: torch.nn.Module, reference: torch.nn.Module, keep: float) -> None:
+    """In place, every parameter ``w`` of ``module`` becomes ``w_ref + keep * (w - w_ref)``, ``w_ref`` the parameter
+    of the same name in ``reference`` (same architecture): ``keep`` 1 leaves ``module`` as it is, 0 makes it
+    ``reference``."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {keep}")
+    ref = dict(reference.named_parameters())
+    ours = dict(module.named_parameters())
+    if ref.keys() != ours.keys() or any(ref[n].shape != p.shape for n, p in ours.items()):
+        raise ValueError("interpolate_weights needs two modules of the same architecture")
+    with torch.no_grad():
+        for name, w in ours.items():
+            w.copy_(keep * w + (1.0 - keep) * ref[name].to(w))            # the same, exact at both ends
+
+
+def mix_with_pretrained(model, acfg: AttackConfig) -> None:
+    """mix-w2s's first step: the poisoned backbone moved back toward the pretrained student's, in place."""
+    interpolate_weights(model.backbone, models.load_student(acfg.student)[0], MIX_KEEP)
+
+
+def prefix_owner(model, frozen: int, acfg: AttackConfig, attack_folder: Path, defense: str = "w2sdefense") -> tuple:
     """Whose bottom ``frozen`` blocks these are, to share cached prefix states: below the blocks the attacker
-    trained, the poisoned student is still the pretrained one."""
+    trained, the poisoned student is still the pretrained one; mixed blocks are nobody else's."""
+    if defense == "mix-w2s":
+        return ("mixed", str(attack_folder), MIX_KEEP)
     if frozen <= frozen_blocks(model, acfg.train_layers):
         return ("pretrained", acfg.student)
     return ("poisoned", str(attack_folder))
 
 
-def load_unlearned(cfg: UnlearnConfig, acfg: AttackConfig, attack_folder: Path, folder: Path, num_classes: int):
-    """The poisoned student with the LoRA (and head) saved by an unlearning stage in ``folder``."""
+def load_unlearned(cfg: UnlearnConfig, acfg: AttackConfig, attack_folder: Path, folder: Path, num_classes: int,
+                   defense: str = "w2sdefense"):
+    """The poisoned student (mixed first for ``mix-w2s``) with the LoRA (and head) saved by the unlearning stage of
+    ``defense`` in ``folder``."""
     model, tokenizer = load_poisoned(acfg, attack_folder, num_classes)
+    if defense == "mix-w2s":
+        mix_with_pretrained(model, acfg)
     add_lora(model, cfg)
     lora.load_lora(model, folder / "lora.safetensors")
     return model.eval(), tokenizer
@@ -536,17 +575,20 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     # The control does not read the W2S weights or the teacher: leave them out of its key, so changing them
     # reuses the control.
     key_cfg = dataclasses.replace(cfg, beta=0.0, gamma=0.0, fa="", weights="") if defense == "lora" else cfg
-    key = config_key(key_cfg, acfg, tcfg if defense != "lora" else None, {"defense": defense, "eval": len(task.test)})
+    key = config_key(key_cfg, acfg, tcfg if defense != "lora" else None, {"defense": defense, "eval": len(task.test)},
+                     *([{"mix": MIX_KEEP}] if defense == "mix-w2s" else []))
     folder, done = open_stage(stages / f"{defense}-{key}")
     if done is not None:
         return folder, done
     start = time.perf_counter()
     model, tokenizer = load_poisoned(acfg, attack_folder, task.dataset.num_classes)
+    if defense == "mix-w2s":
+        mix_with_pretrained(model, acfg)
     # LoRA on cfg.targets (the preset: query and value); the classification head stays fully trainable.
     frozen = add_lora(model, cfg)
     model.to(device)
     clean = subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
-    memo_key = prefix_owner(model, frozen, acfg, attack_folder)
+    memo_key = prefix_owner(model, frozen, acfg, attack_folder, defense)
     train_data = encode_for(model, tokenizer, clean, cfg.max_length, frozen, device, memo_key, cfg.bf16)
     dev_data = encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key, cfg.bf16)
     if defense == "lora":
@@ -561,7 +603,8 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16, frozen, memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    dev_history=fit.dev_history,
-                   weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T, "fa": fa_distance(cfg)},
+                   weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T, "fa": fa_distance(cfg),
+                            **({"mix": MIX_KEEP} if defense == "mix-w2s" else {})},
                    trainable=lora.count_trainable(model), seconds=time.perf_counter() - start)
     lora.save_lora(model, folder / "lora.safetensors")
     close_stage(folder, fit, metrics)
@@ -584,6 +627,8 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     a = preset_attack(args.preset, args.attack)
     t = TeacherConfig(**p["teacher"])
     u = UnlearnConfig(**p["unlearn"])
+    if getattr(args, "defense", None) == "mix-w2s":
+        u = dataclasses.replace(u, **MIX_UNLEARN[args.preset])
     common = dict(seed=args.seed)
     a = dataclasses.replace(a, **common, **_given(args, {
         "student": "student", "dataset": "dataset", "attack": "attack", "target": "target", "mode": "poison_mode",
@@ -716,7 +761,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="badnet", help=f"backdoor to plant: {', '.join(attacks.ATTACKS)}")
     p.add_argument("--dataset", default=data.DEFAULT_DATASET, help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
     p.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)} (w2sdefense also runs the lora control; "
-                   "w2s-origin, the feature term toward the origin, runs both beside it)")
+                   "w2s-origin, the feature term toward the origin, runs both beside it; mix-w2s: weights mixed "
+                   "toward the pretrained student's, then W2SDefense, beside the control at its budget)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu: a laptop; paper: the authors' settings, for a GPU")
     p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
     p.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")

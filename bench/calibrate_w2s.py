@@ -38,7 +38,7 @@ labels under it (``latent_adversarial``; optional "weight", default alpha, and "
 top k blocks, the share p of MLP units that contribute least to the residual stream over the defender's clean
 sentences (``mlp_contributions``) are removed (``prune_units``); with "defense" "none", the pruning alone;
 ``"mix": k`` moves every backbone weight back toward the pretrained student's before the LoRA goes in,
-``w_pre + k * (w - w_pre)`` (``interpolate_weights``; Fine-mixing's idea, Zhang et al. 2022, in WiSE-FT's
+``w_pre + k * (w - w_pre)`` (``w2s.interpolate_weights``; Fine-mixing's idea, Zhang et al. 2022, in WiSE-FT's
 deterministic form), the head kept: it assumes the defender has the pretrained weights, which W2SDefense does not.
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         if mix is not None:
-            interpolate_weights(model.backbone, models.load_student(a.student)[0], mix)
+            w2s.interpolate_weights(model.backbone, models.load_student(a.student)[0], mix)
         if prune is not None:
             prune_dormant(model, tokenizer, prune, w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed,
                                                                "defender-clean"), cfg, device)
@@ -401,21 +401,6 @@ def prune_dormant(model, tokenizer, prune: dict, clean: data.Split, cfg, device)
     blocks = list(range(n - prune["blocks"], n))
     enc = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
     prune_units(model, mlp_contributions(model, enc, blocks, device, cfg.bf16), prune["share"])
-
-
-def interpolate_weights(module: torch.nn.Module, reference: torch.nn.Module, keep: float) -> None:
-    """In place, every parameter ``w`` of ``module`` becomes ``w_ref + keep * (w - w_ref)``, ``w_ref`` the parameter
-    of the same name in ``reference`` (same architecture): ``keep`` 1 leaves ``module`` as it is, 0 makes it
-    ``reference``."""
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"mix must be in [0, 1], got {keep}")
-    ref = dict(reference.named_parameters())
-    ours = dict(module.named_parameters())
-    if ref.keys() != ours.keys() or any(ref[n].shape != p.shape for n, p in ours.items()):
-        raise ValueError("interpolate_weights needs two modules of the same architecture")
-    with torch.no_grad():
-        for name, w in ours.items():
-            w.copy_(keep * w + (1.0 - keep) * ref[name].to(w))            # the same, exact at both ends
 
 
 def splice_spans(split: data.Split, share: float, seed: int, max_words: int = 5) -> data.Split:

@@ -371,10 +371,11 @@ def clf_block_args(clf, x, mask):
     return attn_mask, rope
 
 
-def test_mix_lever_of_the_calibration_script_interpolates_toward_the_reference_weights():
-    # bench/calibrate_w2s.py's interpolate_weights (experimental lever): w <- w_ref + k (w - w_ref), by hand on one
-    # weight: w = (1, 3), w_ref = (5, -1), k = 0.25 -> (5 - 1, -1 + 1) = (4, 0); k = 1 and k = 0 are the ends.
-    import calibrate_w2s
+def test_mixing_interpolates_toward_the_reference_weights():
+    # interpolate_weights (mix-w2s's first step, and the calibration script's mix lever): w <- w_ref + k (w - w_ref),
+    # by hand on one weight: w = (1, 3), w_ref = (5, -1), k = 0.25 -> (5 - 1, -1 + 1) = (4, 0); k = 1 and k = 0 are
+    # the ends.
+    from w2s import interpolate_weights
     from test_models import tiny_classifier
     a = tiny_classifier("llama", n_layer=2, num_classes=2, seed=8).backbone
     b = tiny_classifier("llama", n_layer=2, num_classes=2, seed=9).backbone
@@ -382,14 +383,14 @@ def test_mix_lever_of_the_calibration_script_interpolates_toward_the_reference_w
     w, w_ref = a.blocks[0].norm1.weight, b.blocks[0].norm1.weight
     with torch.no_grad():
         w[:2], w_ref[:2] = torch.tensor([1.0, 3.0]), torch.tensor([5.0, -1.0])
-    calibrate_w2s.interpolate_weights(a, b, 0.25)
+    interpolate_weights(a, b, 0.25)
     assert w[:2].tolist() == [4.0, 0.0]
     c = tiny_classifier("llama", n_layer=2, num_classes=2, seed=8).backbone
-    calibrate_w2s.interpolate_weights(c, b, 1.0)
+    interpolate_weights(c, b, 1.0)
     assert all(torch.equal(p, before[n]) for n, p in c.named_parameters())
-    calibrate_w2s.interpolate_weights(c, b, 0.0)
+    interpolate_weights(c, b, 0.0)
     assert all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in c.named_parameters())
     with pytest.raises(ValueError, match="same architecture"):
-        calibrate_w2s.interpolate_weights(c, tiny_classifier("llama", n_layer=3, num_classes=2, seed=8).backbone, 0.5)
+        interpolate_weights(c, tiny_classifier("llama", n_layer=3, num_classes=2, seed=8).backbone, 0.5)
     with pytest.raises(ValueError, match=r"mix must be in \[0, 1\]"):
-        calibrate_w2s.interpolate_weights(c, b, 1.5)
+        interpolate_weights(c, b, 1.5)

@@ -244,6 +244,50 @@ def test_origin_ablation_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
     assert history["w2s-origin"]["fa"] != pytest.approx(history["w2sdefense"]["fa"], rel=1e-5)
 
 
+def test_mix_defense_takes_its_budget_for_the_whole_run_and_the_users_options_win():
+    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--defense", "mix-w2s"]))
+    assert (u.clean_size, u.epochs, u.evals_per_epoch, u.gamma) == (None, 1.0, 2, 0.02)
+    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--defense", "mix-w2s",
+                                                              "--gamma", "0.05", "--clean-size", "500"]))
+    assert (u.clean_size, u.epochs, u.gamma) == (500, 1.0, 0.05)
+    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32"]))
+    assert (u.clean_size, u.epochs, u.gamma) == (2000, 2.0, 0.05)           # other defenses keep the preset's
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_mix_defense_runs_beside_the_control_and_is_w2sdefense_when_nothing_is_mixed(tmp_path, monkeypatch):
+    """--defense mix-w2s: the control and the mixed W2SDefense rows; the mixing changes the student before the
+    first step (its first CE differs from W2SDefense's on the same batch); with MIX_KEEP = 1 (nothing mixed) the
+    stage is a new one and trains exactly as W2SDefense (quick preset: the same unlearning settings). The attacker
+    trains both blocks here and the LoRA sits in the top one, so the frozen bottom block is the poisoned one for
+    W2SDefense and a mixed one for mix-w2s: their frozen-prefix states must not be shared (a rerun in a process
+    that has computed none of them trains the same)."""
+    student, teacher, ds = make_tiny_world(tmp_path)
+    argv = ("--attack-layers", "2")
+    plain = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv))
+    mixed = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
+    assert [r["model"] for r in mixed["rows"]] == ["poisoned", "lora", "mix-w2s"]
+    assert mixed["rows"][:2] == plain["rows"][:2] and mixed["rows"][2]["weights"]["mix"] == 0.25
+
+    def history(name):
+        return [json.loads(d.joinpath("history.json").read_text()) for d in (tmp_path / "stages").glob(f"{name}-*")]
+    (h_w2s,), (h_mix,) = history("w2sdefense"), history("mix-w2s")
+    assert h_mix[0]["ce"] != pytest.approx(h_w2s[0]["ce"], rel=1e-4)
+    import shutil
+    shutil.rmtree(next((tmp_path / "stages").glob("mix-w2s-*")))
+    monkeypatch.setattr(w2s, "PREFIX_MEMO", {})
+    again = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
+    assert again["rows"][2]["ca"] == mixed["rows"][2]["ca"] and again["rows"][2]["asr"] == mixed["rows"][2]["asr"]
+    assert history("mix-w2s") == [h_mix]
+    monkeypatch.setattr(w2s, "MIX_KEEP", 1.0)
+    unmixed = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
+    assert len(history("mix-w2s")) == 2
+    assert {k: unmixed["rows"][2][k] for k in ("ca", "asr")} == {k: plain["rows"][2][k] for k in ("ca", "asr")}
+    folder = next(d for d in (tmp_path / "stages").glob("mix-w2s-*")
+                  if json.loads(d.joinpath("metrics.json").read_text())["weights"]["mix"] == 1.0)
+    assert json.loads(folder.joinpath("history.json").read_text()) == h_w2s
+
+
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_student_reads_a_start_token_and_a_prefix_space(tmp_path):
     """The classifier reads "<start> sentence" with the model's BOS (GPT-2 has none: <|endoftext|>), and a
