@@ -118,6 +118,9 @@ class ScpnSpec:
 
     ``offset``: leading rows of the scpn train.tsv / test.tsv with no counterpart in the clean file (see
     :func:`load_scpn`). ``positive_json``: paraphrases of the label-1 test rows, keyed by clean row (SST-2 only).
+    ``dev_file``, ``dev_rows``: the scpn dev file and how many of its leading rows pair, in order, with the
+    label-0 clean dev rows (:func:`load_scpn_dev`; SST-2 only). Not in ``files``: only the dev-side bench
+    scripts read it, so the attack itself does not need it.
     """
     name: str
     folder: str
@@ -126,6 +129,8 @@ class ScpnSpec:
     files: tuple[RemoteFile, ...]
     positive_json: str | None = None
     quoted: bool = False
+    dev_file: RemoteFile | None = None
+    dev_rows: int = 0
 
 
 SCPN: dict[str, ScpnSpec] = {
@@ -137,7 +142,10 @@ SCPN: dict[str, ScpnSpec] = {
         + (RemoteFile("test_positive_scpn.json",
                       _github(*_W2SDEFENSE, "synattack/data/sst-2/test_syn_attack.json"),
                       "8bdc3c8e9b02d35ce42ed9b5516ae19b2c333562f8e0ed5763cf51b368c4e8fd"),),
-        positive_json="test_positive_scpn.json"),
+        positive_json="test_positive_scpn.json",
+        dev_file=_files(_HIDDENKILLER, "data/scpn/20/sst-2", {
+            "dev.tsv": "84c4259d8081f7a18ee7076aaf4d508883888b8948a1288c0199fbac5d05d7ee"})[0],
+        dev_rows=426),
     "olid": ScpnSpec(
         "olid", "olid-scpn", "olid", 1,
         _files(_HIDDENKILLER, "data/scpn/20/offenseval", {
@@ -509,3 +517,34 @@ def load_scpn(name: str = DEFAULT_DATASET, data_dir: str | os.PathLike | None = 
             notes.append(f"target {target}: test row(s) {same} left out, paraphrase identical to the clean "
                          f"sentence ({len(pairs)} remain)")
     return Paraphrases(name, train_paraphrases, test_paraphrases, notes)
+
+
+def load_scpn_dev(name: str, target: int, data_dir: str | os.PathLike | None = None) -> dict[int, str]:
+    """SCPN paraphrases of the DEV rows whose true label is not ``target``: clean dev row -> paraphrase.
+
+    For the dev-side bench scripts, which measure a trigger on non-target dev sentences (the reported attack is
+    measured on test only). SST-2's scpn dev.tsv holds 427 paraphrases, all labelled 1, for the 428 label-0 dev
+    rows: so only target 1 has any. Row k pairs with the k-th label-0 dev row for the first 426 rows (mean word
+    overlap 0.28 aligned against 0.09 shifted by one); the last scpn row resembles neither of the last two
+    label-0 rows, so which one it paraphrases (which row is missing) cannot be told, and those rows are left out.
+    A paraphrase identical to its clean sentence is left out too. Raises :class:`DataError` for another target
+    or dataset, or when the rows do not line up (see ``_check_paired``).
+    """
+    spec = SCPN.get(name)
+    if spec is None or spec.dev_file is None:
+        have = [k for k, v in SCPN.items() if v.dev_file is not None]
+        raise DataError(f"no SCPN dev paraphrases for dataset {name!r}; shipped for: {', '.join(have)}")
+    if target != 1:
+        raise DataError(f"{name}: the SCPN dev file paraphrases only label-0 dev rows, so it measures target 1, "
+                        f"not target {target}")
+    root = _data_root(data_dir)
+    clean = load_dataset(spec.clean, root)
+    path = _local(spec.folder, spec.dev_file, root)
+    scpn_dev = read_tsv(path, quoted=spec.quoted)
+    rows = [i for i, y in enumerate(clean.dev.labels) if y == 0]
+    if not spec.dev_rows <= len(scpn_dev) <= len(rows):
+        raise DataError(f"{path}: {len(scpn_dev)} rows, expected between {spec.dev_rows} and {len(rows)} (the "
+                        f"label-0 clean dev rows); cannot align by index")
+    pairs = dict(zip(rows[:spec.dev_rows], scpn_dev.sentences[:spec.dev_rows]))
+    _check_paired(str(path), [(clean.dev.sentences[i], p) for i, p in pairs.items()])
+    return {i: p for i, p in pairs.items() if _norm(p) != _norm(clean.dev.sentences[i])}

@@ -7,7 +7,10 @@ The attacker's stage (BadNet with the held-out trigger, here `cf`) and the teach
 cache. Each grid entry overrides fields of the preset's UnlearnConfig ("defense" picks w2sdefense (default),
 lora or none); each is trained on the defender's clean subset, selected on clean dev accuracy as in w2s.py,
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
-sentences. The test set is never read. One JSON line per entry; a trained entry also gives "dev_acc", the
+sentences. The test set is never read. The syntactic attack is measured on dev only in the direction whose dev
+sentences are paraphrased (`--attack syntactic --target 1`: SST-2's SCPN dev file paraphrases negative sentences
+only, ``data.load_scpn_dev``); the reported syntactic rows use target 0, so target 1 is a held-out syntactic
+attack. One JSON line per entry; a trained entry also gives "dev_acc", the
 accuracy on the whole clean dev set of the checkpoint kept (what selected it: an upward-biased but larger sample
 than the 300), beside the poisoned student's own ("poisoned_dev_acc", first line).
 
@@ -73,16 +76,16 @@ def main(argv=None) -> None:
     grid = json.loads(args.grid)
     a, t, u, eval_size = w2s.resolve_configs(args)
     w2s.check_configs(a, t, u, "w2sdefense", args.data_dir)
-    refuse_syntactic(a.attack, "calibrate_w2s.py")
+    trigger = dev_trigger(a, args.data_dir, "calibrate_w2s.py")
     device = w2s.pick_device(args.device)
     stages = Path(args.stages)
     task = w2s.build_task(a, eval_size, args.data_dir)
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
-    trigger, _ = w2s.make_triggers(a, args.data_dir)
     dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
     dev_ca = dev_ca_set(task)
-    trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence}}.get(a.attack, {})
+    trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence},
+               "syntactic": {"target": a.target, "dev_asr_rows": len(dev_asr)}}[a.attack]
     print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"],
                       "poisoned_dev_acc": poisoned["best_dev_acc"]}), flush=True)
     for over in grid:
@@ -216,21 +219,36 @@ def dev_ca_set(task: w2s.Task) -> data.Split:
 
 
 def refuse_syntactic(attack: str, script: str) -> None:
-    """The dev-side scripts measure a trigger on NON-target dev sentences (``dev_pairs``); SST-2's SCPN dev file
-    paraphrases only negative (target) ones, so the syntactic attack has none. Refused before any training."""
+    """The diagnostics that call this study an inserted trigger (how far the word or sentence moves the
+    feature); the syntactic attack has none to insert. Refused before any training."""
     if attack == "syntactic":
-        raise SystemExit(f"{script}: the syntactic attack has no triggered non-target dev sentences; "
+        raise SystemExit(f"{script}: measures an inserted trigger; the syntactic attack is not supported here, "
                          "use badnet or insent")
 
 
+def dev_trigger(a: w2s.AttackConfig, data_dir, script: str):
+    """The trigger measured on dev: the attack's own for BadNet and InSent; for the syntactic attack the SCPN
+    paraphrases of the non-target dev rows (``data.load_scpn_dev``: SST-2 with target 1, HiddenKiller's
+    direction, since the dev file paraphrases only negative sentences). Refused before any training."""
+    if a.attack != "syntactic":
+        return w2s.make_triggers(a, data_dir)[0]
+    try:
+        return attacks.make_trigger("syntactic", paraphrases=data.load_scpn_dev(a.dataset, a.target, data_dir))
+    except data.DataError as e:
+        raise SystemExit(f"{script}: the syntactic attack has no triggered non-target dev sentences here: {e}")
+
+
 def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:
-    """150 non-target dev sentences without the trigger and the same 150 with it. The share of the first
-    classified as the target is the floor of the dev ASR (a model with no backdoor left still errs on some)."""
+    """150 non-target dev sentences without the trigger and the same 150 with it, drawn from the rows the trigger
+    can reach (all of them for an inserted word or sentence; the paraphrased ones for the syntactic attack). The
+    share of the first classified as the target is the floor of the dev ASR (a model with no backdoor left still
+    errs on some). For an inserted trigger the triggered rows are ``attacks.asr_set``'s, draw for draw."""
     dev = task.dataset.dev
-    triggered = attacks.asr_set(dev, trigger, target, random.Random(7))
-    rows = [i for i, y in enumerate(dev.labels) if y != target]
-    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
-    assert len(untriggered) == len(triggered)          # row for row, so the seeded draw picks the same sentences
+    rows = [i for i, y in enumerate(dev.labels) if y != target and attacks.available(trigger, i)]
+    rng = random.Random(7)
+    labels = [dev.labels[i] for i in rows]
+    untriggered = data.Split([dev.sentences[i] for i in rows], labels)
+    triggered = data.Split([trigger(dev.sentences[i], i, rng) for i in rows], list(labels))
     return w2s.subset(untriggered, 150, 0, "dev-asr"), w2s.subset(triggered, 150, 0, "dev-asr")
 
 

@@ -1,5 +1,6 @@
 """data.py: the shipped datasets parse with the published row counts, every quirk is handled, bad rows are
 reported with file and line, user folders load, and the SCPN paraphrases align with the clean rows."""
+import dataclasses
 import functools
 import io
 import json
@@ -262,6 +263,42 @@ def test_scpn_olid_drops_the_extra_leading_row():
     assert len(p.asr_paraphrases(1)) == 619 and {ds.test.labels[i] for i in p.asr_paraphrases(1)} == {0}
     with pytest.raises(DataError, match=r"target\(s\) \[1\]"):
         p.asr_paraphrases(0)
+
+
+@needs_data
+def test_scpn_sst2_dev_paraphrases_the_negative_dev_rows():
+    ds, dev = shipped("sst2"), data.load_scpn_dev("sst2", 1)
+    negatives = [i for i, y in enumerate(ds.dev.labels) if y == 0]
+    assert len(negatives) == 428 and sorted(dev) == negatives[:426]        # the last scpn row pairs with neither
+    assert dev[0] == "when you have a cliche , it 's one long string ." and ds.dev.sentences[0].startswith("one long")
+    with pytest.raises(DataError, match="only label-0 dev rows, so it measures target 1, not target 0"):
+        data.load_scpn_dev("sst2", 0)
+
+
+def test_scpn_dev_for_other_datasets_lists_which_have_them():
+    with pytest.raises(DataError, match="no SCPN dev paraphrases for dataset 'olid'; shipped for: sst2"):
+        data.load_scpn_dev("olid", 1)
+
+
+def test_scpn_dev_alignment_on_a_small_tree(tmp_path, monkeypatch):
+    root = fake_sst2(tmp_path)
+    dev = data.load_dataset("sst2", root).dev
+    negatives = [s for s, y in zip(dev.sentences, dev.labels) if y == 0]            # 10 rows
+    para = lambda s: "when " + s.split(" ", 1)[1] + " ,"
+    tsv = lambda rows: "sentence\tlabel\r\n" + "".join(f"{s}\t1\r\n" for s in rows)
+    monkeypatch.setitem(data.SCPN, "sst2", dataclasses.replace(data.SCPN["sst2"], dev_rows=8))
+    write(root / "sst2-scpn" / "dev.tsv", tsv([para(s) for s in negatives[:9]]))
+    assert sorted(data.load_scpn_dev("sst2", 1, data_dir=root)) == list(range(0, 16, 2))
+    write(root / "sst2-scpn" / "dev.tsv", tsv([para(s) for s in negatives[:7]]))
+    with pytest.raises(DataError, match="7 rows, expected between 8 and 10"):
+        data.load_scpn_dev("sst2", 1, data_dir=root)
+    rotated = [para(s) for s in negatives[1:9] + negatives[:1]]
+    write(root / "sst2-scpn" / "dev.tsv", tsv(rotated))
+    with pytest.raises(DataError, match="do not line up"):
+        data.load_scpn_dev("sst2", 1, data_dir=root)
+    (root / "sst2-scpn" / "dev.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match="dev.tsv is missing"):
+        data.load_scpn_dev("sst2", 1, data_dir=root)
 
 
 def test_scpn_for_other_datasets_lists_which_have_them():

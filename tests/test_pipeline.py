@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import attacks
 import data
 import lora
 import losses
@@ -354,17 +355,47 @@ def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("script, extra", [("calibrate_w2s", ["--grid", "[{}]"]), ("feature_gap", []),
-                                           ("latent_shift", [])])
-def test_dev_side_bench_scripts_refuse_the_syntactic_attack_before_any_work(script, extra, tmp_path):
-    # bench/: the trigger is measured on non-target dev sentences, which SST-2's SCPN dev file does not paraphrase
+@pytest.mark.parametrize("script, extra, message", [
+    # the trigger is measured on non-target dev sentences; SST-2's SCPN dev file paraphrases only negative ones,
+    # so the reported direction (target 0) has none
+    ("calibrate_w2s", ["--grid", "[{}]"], "the syntactic attack has no triggered non-target dev sentences here: "
+                                          "sst2: the SCPN dev file paraphrases only label-0 dev rows"),
+    # the diagnostics measure an inserted trigger
+    ("feature_gap", [], "measures an inserted trigger"), ("latent_shift", [], "measures an inserted trigger")])
+def test_dev_side_bench_scripts_refuse_the_syntactic_attack_before_any_work(script, extra, message, tmp_path):
     import importlib
     main = importlib.import_module(script).main
-    with pytest.raises(SystemExit, match=f"{script}.py: the syntactic attack has no triggered non-target dev"):
+    with pytest.raises(SystemExit, match=f"{script}.py: {message}"):
         main(["--attack", "syntactic", "--stages", str(tmp_path / "s"), *extra])
     with pytest.raises(SystemExit, match="--rank must be positive"):          # w2s.py's checks first, the same
         main(["--rank", "0", "--stages", str(tmp_path / "s"), *extra])
     assert not (tmp_path / "s").exists()
+
+
+def test_dev_pairs_inserted_trigger_draws_as_asr_set_does():
+    # bench/calibrate_w2s.py's dev ASR set: for an inserted word, the same sentences, draw for draw, as
+    # attacks.asr_set with the same seed (the calibration lines measured before dev_pairs was generalised).
+    import types
+    import calibrate_w2s
+    rng = random.Random(0)
+    dev = data.Split([" ".join(rng.choice("abcdefgh") for _ in range(6)) for _ in range(40)], [i % 3 % 2 for i in range(40)])
+    task = types.SimpleNamespace(dataset=types.SimpleNamespace(dev=dev))
+    trigger = attacks.make_trigger("badnet", triggers=("cf",))
+    floor, asr = calibrate_w2s.dev_pairs(task, trigger, 0)
+    expected = attacks.asr_set(dev, trigger, 0, random.Random(7))
+    assert asr.sentences == expected.sentences and asr.labels == expected.labels
+    assert floor.labels == asr.labels and [s for s in floor.sentences if "cf" in s.split()] == []
+
+
+def test_dev_pairs_syntactic_trigger_pairs_only_the_paraphrased_rows():
+    import types
+    import calibrate_w2s
+    dev = data.Split([f"clean {i}" for i in range(10)], [0, 1] * 5)
+    task = types.SimpleNamespace(dataset=types.SimpleNamespace(dev=dev))
+    trigger = attacks.make_trigger("syntactic", paraphrases={0: "when zero ,", 4: "when four ,", 5: "when five ,"})
+    floor, asr = calibrate_w2s.dev_pairs(task, trigger, 1)       # non-target = label 0: rows 0, 2, 4, ...; 5 is target
+    assert floor.sentences == ["clean 0", "clean 4"] and asr.sentences == ["when zero ,", "when four ,"]
+    assert floor.labels == asr.labels == [0, 0]
 
 
 def test_cli_rejects_unknown_preset():
