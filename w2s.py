@@ -133,6 +133,9 @@ PRESETS = {
         # stay the pretrained ones and are run once per sentence (``train.cache_prefix``), exact and 5x cheaper.
         "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=2.0, lr=2e-4, max_length=32,
                        dev_size=100, evals_per_epoch=1, train_layers=6),
+        # SST-2's SCPN files paraphrase 1,383 training rows (718 positives): too few for 20 % of the non-target rows,
+        # so the syntactic attack is planted as in the cpu preset, over any rows, before the 600 are drawn.
+        "attack_for": {"syntactic": dict(mode="dirty-any", poison_rate=0.1998)},
         "teacher": dict(train_size=600, epochs=2.0, max_length=32),
         "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6, gamma=0.02),
         "eval_size": 200,

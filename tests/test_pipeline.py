@@ -13,6 +13,7 @@ import lora
 import losses
 import train
 import w2s
+from conftest import needs_data  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,6 +61,20 @@ def test_precision_option_sets_every_stage(precision, expected):
 def test_preset_poisoning_mode_per_attack(extra, mode):
     a, _, _, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", *extra]))
     assert a.mode == mode
+
+
+@needs_data
+@pytest.mark.parametrize("preset", sorted(w2s.PRESETS))
+@pytest.mark.parametrize("attack", ["badnet", "insent", "syntactic"])
+@pytest.mark.parametrize("target", [0, 1])
+def test_every_preset_can_poison_sst2_with_every_attack(preset, attack, target):
+    # the poisoned training set of every preset, attack and target can be built (no model is loaded); the quick
+    # preset's syntactic attack once asked for 20 % of the non-target rows, more than SST-2's SCPN files paraphrase
+    args = w2s.parser().parse_args(["--preset", preset, "--attack", attack, "--target", str(target),
+                                    "--precision", "fp32"])
+    a, _, _, eval_size = w2s.resolve_configs(args)
+    task = w2s.build_task(a, eval_size)
+    assert 0 < task.n_poisoned < len(task.poisoned_train) and len(task.asr_test) > 0
 
 
 @pytest.mark.parametrize("extra, weights", [
