@@ -393,7 +393,8 @@ def test_dev_pairs_inserted_trigger_draws_as_asr_set_does():
     import types
     import calibrate_w2s
     rng = random.Random(0)
-    dev = data.Split([" ".join(rng.choice("abcdefgh") for _ in range(6)) for _ in range(40)], [i % 3 % 2 for i in range(40)])
+    dev = data.Split([" ".join(rng.choice("abcdefgh") for _ in range(6)) for _ in range(40)],
+                     [i % 3 % 2 for i in range(40)])
     task = types.SimpleNamespace(dataset=types.SimpleNamespace(dev=dev))
     trigger = attacks.make_trigger("badnet", triggers=("cf",))
     floor, asr = calibrate_w2s.dev_pairs(task, trigger, 0)
