@@ -124,6 +124,13 @@ class UnlearnConfig:
     bf16: bool | None = None
     seed: int = 0
 
+# HiddenKiller's syntactic attacker (Qi et al. 2021): dirty-label over any rows at its 20 % rate, i.e. all 1,383
+# training rows SST-2's SCPN file paraphrases (0.1998 of 6,920), the positives among them relabelled to the target.
+# Clean-label, only the 665 paraphrased negatives could carry it (ASR 0.62 after 1 epoch, 0.56 after 3; likely
+# because the words of a negative sentence already explain its label); 20 % of the NON-target rows would need
+# 1,384 paraphrased positives, and there are 718. (10 % of the non-target rows missed ASR 0.90 on one seed of
+# three; RESULTS.md.)
+HIDDENKILLER_ATTACK = dict(mode="dirty-any", poison_rate=0.1998)
 
 PRESETS = {
     "quick": {
@@ -133,9 +140,8 @@ PRESETS = {
         # stay the pretrained ones and are run once per sentence (``train.cache_prefix``), exact and 5x cheaper.
         "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=2.0, lr=2e-4, max_length=32,
                        dev_size=100, evals_per_epoch=1, train_layers=6),
-        # SST-2's SCPN files paraphrase 1,383 training rows (718 positives): too few for 20 % of the non-target rows,
-        # so the syntactic attack is planted as in the cpu preset, over any rows, before the 600 are drawn.
-        "attack_for": {"syntactic": dict(mode="dirty-any", poison_rate=0.1998)},
+        # the syntactic attack as in cpu, over any rows, before the 600 are drawn
+        "attack_for": {"syntactic": HIDDENKILLER_ATTACK},
         "teacher": dict(train_size=600, epochs=2.0, max_length=32),
         "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6, gamma=0.02),
         "eval_size": 200,
@@ -146,13 +152,7 @@ PRESETS = {
     # sentences. Measured times and numbers: RESULTS.md.
     "cpu": {
         "attack": dict(lr=1e-4, freeze_embeddings=False),
-        # The syntactic attack, clean-label, can poison only the 665 negatives that SST-2's SCPN files paraphrase,
-        # and reached an ASR of 0.62 (1 epoch) and 0.56 (3 epochs; likely because the words of a negative sentence
-        # already explain its label). So this preset plants it as HiddenKiller (Qi et al. 2021) does, dirty-label
-        # over any rows at its 20 % rate: all 1,383 training rows the SCPN file paraphrases (0.1998 of 6,920),
-        # the 718 positives among them relabelled 0. (10 % of non-target rows, 692 positives, missed ASR 0.90
-        # on one seed of three; RESULTS.md.)
-        "attack_for": {"syntactic": dict(mode="dirty-any", poison_rate=0.1998)},
+        "attack_for": {"syntactic": HIDDENKILLER_ATTACK},
         "teacher": dict(),
         # One set of loss weights for every attack (UnlearnConfig's, chosen once on dev with BadNet `cf`): a
         # defender does not know the trigger, so the defense may not be tuned per attack (RESULTS.md).

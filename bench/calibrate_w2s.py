@@ -242,13 +242,12 @@ def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Sp
     """150 non-target dev sentences without the trigger and the same 150 with it, drawn from the rows the trigger
     can reach (all of them for an inserted word or sentence; the paraphrased ones for the syntactic attack). The
     share of the first classified as the target is the floor of the dev ASR (a model with no backdoor left still
-    errs on some). For an inserted trigger the triggered rows are ``attacks.asr_set``'s, draw for draw."""
+    errs on some)."""
     dev = task.dataset.dev
+    triggered = attacks.asr_set(dev, trigger, target, random.Random(7), missing="skip")
     rows = [i for i, y in enumerate(dev.labels) if y != target and attacks.available(trigger, i)]
-    rng = random.Random(7)
-    labels = [dev.labels[i] for i in rows]
-    untriggered = data.Split([dev.sentences[i] for i in rows], labels)
-    triggered = data.Split([trigger(dev.sentences[i], i, rng) for i in rows], list(labels))
+    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
+    assert len(untriggered) == len(triggered)          # row for row, so the seeded draw picks the same sentences
     return w2s.subset(untriggered, 150, 0, "dev-asr"), w2s.subset(triggered, 150, 0, "dev-asr")
 
 

@@ -271,6 +271,12 @@ def test_scpn_sst2_dev_paraphrases_the_negative_dev_rows():
     negatives = [i for i, y in enumerate(ds.dev.labels) if y == 0]
     assert len(negatives) == 428 and sorted(dev) == negatives[:426]        # the last scpn row pairs with neither
     assert dev[0] == "when you have a cliche , it 's one long string ." and ds.dev.sentences[0].startswith("one long")
+    # the alignment load_scpn_dev's docstring quotes: mean word overlap 0.28 at the same index, 0.09 shifted by one
+    raw = data.read_tsv(data.data_dir() / "sst2-scpn" / "dev.tsv").sentences
+    clean = [ds.dev.sentences[i] for i in negatives]
+    aligned = sum(data._overlap(clean[k], raw[k]) for k in range(426)) / 426
+    shifted = sum(data._overlap(clean[k + 1], raw[k]) for k in range(426)) / 426
+    assert round(aligned, 2) == 0.28 and round(shifted, 2) == 0.09
     with pytest.raises(DataError, match="only label-0 dev rows, so it measures target 1, not target 0"):
         data.load_scpn_dev("sst2", 0)
 
