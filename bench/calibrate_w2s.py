@@ -114,6 +114,7 @@ def main(argv=None) -> None:
                                                                "defender-clean"), cfg, device)
         frozen = w2s.add_lora(model, cfg)
         prepare_head(model, head, cfg.seed)
+        model.to(device)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         if mix is not None:                 # mixed bottom blocks are nobody else's: no sharing of their states
             memo_key = (*memo_key, "mix", mix)
