@@ -11,6 +11,7 @@ import attacks
 import data
 import lora
 import losses
+import models
 import train
 import w2s
 from conftest import needs_data  # noqa: E402
@@ -226,6 +227,33 @@ def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(t
         assert ("dev_acc" in r) == ("last25" in r) == (r["defense"] != "none")
     assert rows[0]["dev_asr"] >= 0.9                   # the tiny poisoned student answers the trigger
     assert set(rows[2]["last25"]) >= {"ce", "kd", "fa"} and set(rows[1]["last25"]) >= {"ce"}
+
+
+def test_calibration_script_moves_each_lines_student_to_the_device(tmp_path, monkeypatch):
+    """Each grid line loads the poisoned student afresh, on the CPU; it must then go to the run's --device (on a
+    GPU, a line that skipped this stopped at its first forward: RESULTS.md, "On a GPU"). Checked by recording
+    every Classifier.to call, since this machine has only the one device."""
+    import calibrate_w2s
+    loaded, moved = [], []
+    load = w2s.load_poisoned
+
+    def recording_load(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        loaded.append(model)
+        return model, tokenizer
+
+    to = models.Classifier.to
+
+    def recording_to(self, *args, **kwargs):
+        moved.append((self, str(args[0]) if args else str(kwargs.get("device"))))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(w2s, "load_poisoned", recording_load)
+    monkeypatch.setattr(models.Classifier, "to", recording_to)
+    student, teacher, ds = make_tiny_world(tmp_path)
+    calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps([{"defense": "none"}, {}])))
+    assert len(loaded) == 2
+    assert all(any(m is model and dev == "cpu" for m, dev in moved) for model in loaded)
 
 
 def test_feature_target_of_the_origin_ablation_by_hand():
