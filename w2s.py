@@ -14,8 +14,8 @@ Stages (each cached under a hash of its configuration, so a second defense or se
               (the plain-LoRA control, ``--defense lora``), same seed, data and budget.
               ``--defense w2s-origin`` adds an ablation beside both: W2SDefense with the feature term pulling
               toward the origin instead of the teacher's feature (what the teacher's features add).
-              ``--defense mix-w2s`` first moves the poisoned student's weights a quarter of the way back from
-              the pretrained student's (``MIX_KEEP``), then runs W2SDefense (cpu preset: on the whole clean
+              ``--defense mix-w2s`` first keeps only a quarter of the attacker's change to every backbone
+              weight, ``w_pre + 0.25 (w - w_pre)`` (``MIX_KEEP``), then runs W2SDefense (cpu preset: on the whole clean
               set for one epoch, feature weight 0.02; ``MIX_UNLEARN``), beside the control at that budget.
 
 Checkpoints are chosen on clean dev accuracy only; the test set is read once per model, at the end.
@@ -134,10 +134,10 @@ HIDDENKILLER_ATTACK = dict(mode="dirty-any", poison_rate=0.1998)
 
 PRESETS = {
     "quick": {
-        # A first look, for notebooks and CI, in about 5 minutes on a 2-core CPU: small sets, dirty-label
-        # poisoning (a clean-label backdoor needs more data than that), short max length, and the attacker
-        # trains only the top 6 of the 30 blocks, where the defender's LoRA goes too: the 24 blocks below
-        # stay the pretrained ones and are run once per sentence (``train.cache_prefix``), exact and 5x cheaper.
+        # A first look, for notebooks and CI, in under 5 minutes on a 2-core CPU (80-120 s measured, RESULTS.md):
+        # small sets, dirty-label poisoning (a clean-label backdoor needs more data than that), short max length,
+        # and the attacker trains only the top 6 of the 30 blocks, where the defender's LoRA goes too: the 24
+        # blocks below stay the pretrained ones and are run once per sentence (``train.cache_prefix``), exact and 5x cheaper.
         "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=2.0, lr=2e-4, max_length=32,
                        dev_size=100, evals_per_epoch=1, train_layers=6),
         # the syntactic attack as in cpu, over any rows, before the 600 are drawn
@@ -278,12 +278,23 @@ class Task:
     dev: data.Split
     test: data.Split
     asr_test: data.Split
+    data_key: dict = field(default_factory=dict)     # goes into every stage's cache key (``dataset_key``)
+
+
+def dataset_key(name_or_path: str, ds: data.Dataset) -> dict:
+    """What names the data in the stages' cache keys, beside the configuration: nothing more for a shipped dataset
+    (its name says it all), a hash of the sentences and labels for a folder, so that two folders of the same name,
+    or one folder edited, never share a stage."""
+    if str(name_or_path) in data.DATASETS:
+        return {}
+    splits = [[s.sentences, s.labels] for s in (ds.train, ds.dev, ds.test)]
+    return {"data": hashlib.sha256(json.dumps(splits).encode()).hexdigest()[:16]}
 
 
 def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
     ds = data.load_dataset(cfg.dataset, data_dir, seed=cfg.seed)
     if not 0 <= cfg.target < ds.num_classes:
-        raise ValueError(f"target label {cfg.target} is not a class of {cfg.dataset} (0..{ds.num_classes - 1})")
+        raise data.DataError(f"target label {cfg.target} is not a class of {cfg.dataset} (0..{ds.num_classes - 1})")
     train_trigger, test_trigger = make_triggers(cfg, data_dir)
     rng = random.Random(cfg.seed)
     if cfg.mode == "clean":
@@ -304,7 +315,8 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
     missing = "skip" if cfg.attack == "syntactic" else "raise"
     asr = attacks.asr_set(ds.test, test_trigger, cfg.target, random.Random(cfg.seed + 1), missing=missing)
     return Task(ds, train_split, sum(kept.labels), subset(ds.dev, cfg.dev_size, cfg.seed, "dev"),
-                subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"))
+                subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"),
+                dataset_key(cfg.dataset, ds))
 
 
 def student_classifier(cfg_student: str, num_classes: int, seed: int, start_token: bool = True,
@@ -386,7 +398,7 @@ def fit_config(cfg, **over) -> train.FitConfig:
 
 def attack_stage(cfg: AttackConfig, task: Task, stages: Path, device: str) -> tuple[Path, dict]:
     """Poison and fully fine-tune the student; cached in ``stages/attack-<key>``."""
-    folder, done = open_stage(stages / f"attack-{config_key(cfg, {'eval': len(task.test)})}")
+    folder, done = open_stage(stages / f"attack-{config_key(cfg, {'eval': len(task.test), **task.data_key})}")
     if done is not None:
         return folder, done
     start = time.perf_counter()
@@ -433,7 +445,8 @@ def teacher_classifier(cfg: TeacherConfig, num_classes: int, d_student: int):
 
 def teacher_stage(cfg: TeacherConfig, task: Task, d_student: int, stages: Path, device: str) -> tuple[Path, dict]:
     """Fully fine-tune the teacher on the CLEAN training set; cached in ``stages/teacher-<key>``."""
-    key = config_key(cfg, {'dataset': task.dataset.name, 'd_student': d_student, 'eval': len(task.test)})
+    key = config_key(cfg, {'dataset': task.dataset.name, 'd_student': d_student, 'eval': len(task.test),
+                           **task.data_key})
     folder, done = open_stage(stages / f"teacher-{key}")
     if done is not None:
         return folder, done
@@ -479,12 +492,13 @@ def teacher_outputs(cfg: TeacherConfig, folder: Path, sentences, num_classes: in
 # ----------------------------------------------------------------------------------------------
 
 def resolve_weights(cfg: UnlearnConfig, attack: str, defense: str) -> tuple[float, float, float]:
-    """(alpha, beta, gamma): the control uses CE only; W2SDefense ours or the authors' per-attack table."""
+    """(alpha, beta, gamma): W2SDefense's, ours or the authors' per-attack table; the control is the same run
+    with beta = gamma = 0, so it keeps W2SDefense's alpha (which matters: the gradient is clipped, and the
+    authors' alpha is 3 for InSent and 1 for the syntactic attack)."""
+    alpha, beta, gamma = AUTHORS_WEIGHTS[attack] if cfg.weights == "authors" else (cfg.alpha, cfg.beta, cfg.gamma)
     if defense == "lora":
-        return cfg.alpha, 0.0, 0.0
-    if cfg.weights == "authors":
-        return AUTHORS_WEIGHTS[attack]
-    return cfg.alpha, cfg.beta, cfg.gamma
+        return alpha, 0.0, 0.0
+    return alpha, beta, gamma
 
 
 def fa_distance(cfg: UnlearnConfig) -> str:
@@ -577,8 +591,9 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     a, b, g = resolve_weights(cfg, acfg.attack, defense)
     # The control does not read the W2S weights or the teacher: leave them out of its key, so changing them
     # reuses the control.
-    key_cfg = dataclasses.replace(cfg, beta=0.0, gamma=0.0, fa="", weights="") if defense == "lora" else cfg
-    key = config_key(key_cfg, acfg, tcfg if defense != "lora" else None, {"defense": defense, "eval": len(task.test)},
+    key_cfg = dataclasses.replace(cfg, alpha=a, beta=0.0, gamma=0.0, fa="", weights="") if defense == "lora" else cfg
+    key = config_key(key_cfg, acfg, tcfg if defense != "lora" else None,
+                     {"defense": defense, "eval": len(task.test), **task.data_key},
                      *([{"mix": MIX_KEEP}] if defense == "mix-w2s" else []))
     folder, done = open_stage(stages / f"{defense}-{key}")
     if done is not None:
@@ -603,6 +618,8 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
         loss_fn = unlearning_loss(a, b, g, cfg.T, z_t, h_t, fa_distance(cfg))
     fit = train.fit(model, train_data, dev_data, fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                     device=device, desc=f"unlearn: {defense}")
+    # Read at the attacker's max length, as the poisoned student's row was: every row of the table reads the same
+    # test sentences the same way, whatever length the defender trained at.
     metrics = evaluate(model, tokenizer, task, acfg.target, acfg.max_length, device, cfg.bf16, frozen, memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    dev_history=fit.dev_history,
@@ -652,6 +669,14 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
         "fa": "fa"}))
     if args.lora_targets is not None:
         u = dataclasses.replace(u, targets=tuple(args.lora_targets.split()))
+    given = [f"--{o}" for o in ("alpha", "beta", "gamma", "fa") if getattr(args, o) is not None]
+    if u.weights == "authors" and given:
+        raise SystemExit(f"error: --weights authors sets alpha, beta, gamma and the feature distance from the authors' "
+                         f"table; drop {' '.join(given)} or use --weights ours")
+    if a.mode == "clean" and args.poison_rate is not None:
+        raise SystemExit("error: --poison-rate is for the dirty-label modes; clean-label poisoning takes --n-poison")
+    if a.mode != "clean" and args.n_poison is not None:
+        raise SystemExit(f"error: --n-poison is for clean-label poisoning; {a.mode} takes --poison-rate")
     return a, t, u, p["eval_size"]
 
 
@@ -675,6 +700,17 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
                         ("--attack-epochs", a.epochs), ("--teacher-epochs", t.epochs)):
         if value <= 0:
             raise SystemExit(f"error: {name} must be positive, got {value}")
+    for name, value in (("--lr", u.lr), ("--attack-lr", a.lr), ("--insertions", a.insertions)):
+        if value <= 0:
+            raise SystemExit(f"error: {name} must be positive, got {value}")
+    if u.clean_size is not None and u.clean_size < 1:
+        raise SystemExit(f"error: --clean-size must be at least 1, got {u.clean_size}")
+    if not 0.0 <= a.poison_rate <= 1.0:
+        raise SystemExit(f"error: --poison-rate is a share of the training set, in [0, 1]; got {a.poison_rate}")
+    spec = data.DATASETS.get(a.dataset)
+    if a.target < 0 or (spec is not None and a.target >= spec.num_classes):
+        classes = f"0..{spec.num_classes - 1}" if spec is not None else "0 or more"
+        raise SystemExit(f"error: --target {a.target} is not a class of {a.dataset} ({classes})")
     for name, value in (("--alpha", u.alpha), ("--beta", u.beta), ("--gamma", u.gamma)):
         if value < 0:
             raise SystemExit(f"error: {name} must be >= 0, got {value}")
@@ -760,13 +796,14 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="An option left out takes the preset's value (PRESETS in w2s.py).")
     p.add_argument("--attack", default="badnet", help=f"backdoor to plant: {', '.join(attacks.ATTACKS)}")
     p.add_argument("--dataset", default=data.DEFAULT_DATASET, help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
-    p.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)} (w2sdefense also runs the lora control; "
+    p.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)} (default w2sdefense, which also runs the lora control; "
                    "w2s-origin, the feature term toward the origin, runs both beside it; mix-w2s: weights mixed "
                    "toward the pretrained student's, then W2SDefense, beside the control at its budget)")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu: a laptop; paper: the authors' settings, for a GPU")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu (default): a laptop; paper: the authors' settings, for a GPU")
     p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
     p.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")
     p.add_argument("--target", type=int, default=None, help="the attacker's target label (default 0)")
@@ -780,18 +817,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-lr", type=float, default=None, help="learning rate of the attacker's fine-tuning")
     p.add_argument("--attack-layers", type=int, default=None, help="attacker trains only the top k blocks (default: all)")
     p.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher's fine-tuning")
-    p.add_argument("--alpha", type=float, default=None, help="weight of the cross-entropy term")
-    p.add_argument("--beta", type=float, default=None, help="weight of the T^2-scaled KL distillation term")
-    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term")
-    p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated) or the authors' per-attack table")
+    p.add_argument("--alpha", type=float, default=None, help="weight of the cross-entropy term (default 5)")
+    p.add_argument("--beta", type=float, default=None, help="weight of the T^2-scaled KL distillation term (default 0.001)")
+    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term (default 0.05; mix-w2s 0.02)")
+    p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated, default) or the authors' per-attack table (then no --alpha/--beta/--gamma/--fa)")
     p.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES), help="feature distance: l2 (the paper's, default) or normalized (directions only)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank r")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank r (preset's: 512 in cpu and paper)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
     p.add_argument("--lora-layers", type=int, default=None, help="LoRA only in the top k blocks (default: all)")
     p.add_argument("--lora-targets", default=None, help="projections that get LoRA, space-separated (default 'q_proj v_proj')")
-    p.add_argument("--epochs", type=float, default=None, help="epochs of unlearning")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning")
-    p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset")
+    p.add_argument("--epochs", type=float, default=None, help="epochs of unlearning (preset's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning (preset's)")
+    p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset (preset's: 2000 in cpu, all in paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -810,7 +847,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept, nothing half-written was left", file=sys.stderr)
         return 130
-    except (attacks.AttackError, data.DataError, weights.WeightFileError, weights.DownloadError) as e:
+    except (attacks.AttackError, data.DataError, weights.WeightFileError, weights.DownloadError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

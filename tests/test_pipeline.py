@@ -91,6 +91,16 @@ def test_preset_loss_weights_same_for_every_attack(extra, weights):
     assert w2s.resolve_weights(u, a.attack, "w2sdefense") == weights
 
 
+@pytest.mark.parametrize("attack", ["badnet", "insent", "syntactic"])
+@pytest.mark.parametrize("which", ["ours", "authors"])
+def test_control_is_w2sdefense_with_beta_and_gamma_zero(attack, which):
+    # the same run but for the teacher's terms: the CE weight is W2SDefense's own (the authors': 5, 3, 1)
+    u = w2s.UnlearnConfig(weights=which)
+    alpha, _, _ = w2s.resolve_weights(u, attack, "w2sdefense")
+    assert w2s.resolve_weights(u, attack, "lora") == (alpha, 0.0, 0.0)
+    assert alpha == (w2s.AUTHORS_WEIGHTS[attack][0] if which == "authors" else u.alpha)
+
+
 @pytest.mark.parametrize("extra, name", [
     ([], "badnet-sst2-cpu-seed0"),
     (["--seed", "2", "--attack", "insent"], "insent-sst2-cpu-seed2"),
@@ -152,11 +162,11 @@ def make_tiny_world(root: Path):
 
 
 def tiny_argv(root, student, teacher, ds, *extra) -> list[str]:
+    poison = [] if "--n-poison" in extra else ["--poison-rate", "0.25", "--poison-mode", "dirty"]
     return ["--preset", "quick", "--student", str(student), "--teacher", str(teacher), "--dataset", str(ds),
-            "--stages", str(root / "stages"), "--out", str(root / "run"), "--poison-rate", "0.25",
-            "--poison-mode", "dirty", "--attack-epochs", "8", "--attack-lr", "3e-3", "--epochs", "1",
-            "--clean-size", "32", "--teacher-epochs", "1", "--device", "cpu", "--attack-layers", "1",
-            "--lora-layers", "1", "--precision", "fp32", *extra]
+            "--stages", str(root / "stages"), "--out", str(root / "run"), *poison, "--attack-epochs", "8",
+            "--attack-lr", "3e-3", "--epochs", "1", "--clean-size", "32", "--teacher-epochs", "1",
+            "--device", "cpu", "--attack-layers", "1", "--lora-layers", "1", "--precision", "fp32", *extra]
 
 
 def tiny_args(root, student, teacher, ds, *extra):
@@ -374,7 +384,61 @@ def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     torch.testing.assert_close(z1, z, atol=1e-5, rtol=0)
     torch.testing.assert_close(h1, h, atol=1e-5, rtol=0)
     assert torch.equal(z1, z2) and torch.equal(h1, h2)
-    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_unlearning_step_reaches_the_student_only_never_the_teacher(tmp_path):
+    """The teacher's outputs are constants of the loss: no graph leads back into the teacher, its saved weights
+    stay byte for byte, and two backward passes in a row work (a graph into the teacher would be freed by the
+    first). The student's LoRA gets a gradient from the teacher's terms alone (alpha = 0)."""
+    student, teacher, ds = make_tiny_world(tmp_path)
+    tcfg = w2s.TeacherConfig(teacher=str(teacher), epochs=1, max_length=16)
+    acfg = w2s.AttackConfig(student=str(student), dataset=str(ds), n_poison=10)
+    task = w2s.build_task(acfg, None)
+    folder, _ = w2s.teacher_stage(tcfg, task, 32, tmp_path / "stages", "cpu")
+    saved = (folder / "teacher.safetensors").read_bytes()
+    clean = task.dataset.train
+    z_t, h_t = w2s.teacher_outputs(tcfg, folder, clean.sentences, 2, 32, 16, "cpu")
+    assert not z_t.requires_grad and not h_t.requires_grad and z_t.grad_fn is None and h_t.grad_fn is None
+    model, tok = w2s.student_classifier(str(student), 2, 0)
+    w2s.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "v_proj")))
+    loss_fn = w2s.unlearning_loss(0.0, 0.01, 0.05, 2.0, z_t, h_t)
+    batch = next(train.batches(train.encode(tok, clean.sentences, clean.labels, 16), 8))
+    for _ in range(2):
+        model.zero_grad()
+        loss, terms = loss_fn(model, batch)
+        loss.backward()
+    assert terms["kd"] > 0 and terms["fa"] > 0
+    grads = [p.grad for n, p in model.named_parameters() if n.endswith(".B")]         # LoRA's B (A gets none at B = 0)
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert z_t.grad is None and h_t.grad is None
+    assert (folder / "teacher.safetensors").read_bytes() == saved
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_a_dataset_folder_is_named_by_its_contents_in_the_stage_keys(tmp_path):
+    """Two folders of the same name, or one folder edited, never share a cached stage; a shipped name adds nothing."""
+    _, _, ds = make_tiny_world(tmp_path)
+    other = tmp_path / "elsewhere" / "ds"
+    other.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (other / f"{split}.tsv").write_text((ds / f"{split}.tsv").read_text())
+    key = lambda folder: w2s.build_task(w2s.AttackConfig(dataset=str(folder), n_poison=10), None).data_key
+    assert key(ds) == key(other) and set(key(ds)) == {"data"}
+    lines = (other / "train.tsv").read_text().splitlines()
+    sentence, label = lines[1].split("\t")
+    (other / "train.tsv").write_text("\n".join([lines[0], f"{sentence}\t{1 - int(label)}", *lines[2:]]) + "\n")
+    assert key(ds) != key(other)
+    assert w2s.dataset_key("sst2", None) == {}
+
+
+def test_a_missing_split_file_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    code = w2s.main(["--dataset", str(tmp_path / "ds"), "--stages", str(tmp_path / "s"),
+                     "--out", str(tmp_path / "o")])
+    assert code == 2 and "dev.tsv is missing" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 # ---------------------------------------------------------------- command line: errors before any work
@@ -390,6 +454,15 @@ def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     (["--lora-targets", "q_proj nope"], "choose among q_proj, k_proj"),
     (["--attack-layers", "-2"], "--attack-layers must be at least 1"),
     (["--defense", "w2s-origin", "--fa", "normalized"], "needs the L2 feature distance"),
+    (["--weights", "authors", "--gamma", "0.1"], "drop --gamma"),
+    (["--poison-rate", "0.2"], "clean-label poisoning takes --n-poison"),           # the cpu preset is clean-label
+    (["--poison-mode", "dirty", "--n-poison", "10"], "dirty takes --poison-rate"),
+    (["--poison-mode", "dirty", "--poison-rate", "2"], "in [0, 1]"),
+    (["--target", "7"], "--target 7 is not a class of sst2 (0..1)"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--attack-lr=-1e-4"], "--attack-lr must be positive"),
+    (["--insertions", "0"], "--insertions must be positive"),
+    (["--clean-size", "0"], "--clean-size must be at least 1"),
 ])
 def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
