@@ -352,6 +352,12 @@ def load_model_state(model, path: Path):
     missing = [k for k in model.state_dict() if k not in sd and "lm_head" not in k]
     if missing:
         raise weights.WeightFileError(f"{path}: missing tensors {missing[:3]}; delete the stage folder and rerun")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    if wrong:
+        raise weights.WeightFileError(f"{path}: tensors of another shape, {wrong[:3]}: not this model's; delete the "
+                                      f"stage folder and rerun")
     model.load_state_dict(sd, strict=False)
 
 
@@ -783,7 +789,7 @@ def run(args) -> dict:
         seconds[defense] = m["seconds"]
         rows.append({"model": defense, **{k: m[k] for k in ("ca", "asr", "seconds")}, "weights": m["weights"]})
     result = {"rows": rows, "teacher_ca": teacher["ca"] if teacher else None, "seconds": seconds,
-              "wall_seconds": time.perf_counter() - start, "preset": args.preset, "seed": a.seed,
+              "wall_seconds": time.perf_counter() - start, "preset": args.preset, "defense": args.defense, "seed": a.seed,
               "config": {"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)},
               "machine": machine(), "device": device}
     write_json(out / "results.json", result)

@@ -195,7 +195,8 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
         assert 0.0 <= r["ca"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
     assert rows["poisoned"]["asr"] >= 0.9          # the tiny model learns the trigger "mn" -> label 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    for key in ("rows", "teacher_ca", "seconds", "config", "seed", "machine", "preset"):
+    for key in ("rows", "teacher_ca", "seconds", "wall_seconds", "config", "seed", "machine", "device", "preset",
+                "defense"):
         assert key in saved
     assert (tmp_path / "run" / "results.md").read_text().startswith("# badnet")
     stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
@@ -430,6 +431,13 @@ def test_a_dataset_folder_is_named_by_its_contents_in_the_stage_keys(tmp_path):
     (other / "train.tsv").write_text("\n".join([lines[0], f"{sentence}\t{1 - int(label)}", *lines[2:]]) + "\n")
     assert key(ds) != key(other)
     assert w2s.dataset_key("sst2", None) == {}
+
+
+def test_a_stage_file_of_another_model_is_refused_by_name(tmp_path):
+    import weights
+    weights.write_safetensors(tmp_path / "w.safetensors", {"weight": torch.zeros(4, 2), "bias": torch.zeros(4)})
+    with pytest.raises(weights.WeightFileError, match=r"weight \(4, 2\) \(expected \(3, 2\)\)"):
+        w2s.load_model_state(torch.nn.Linear(2, 3), tmp_path / "w.safetensors")
 
 
 def test_a_missing_split_file_is_an_error_message_not_a_traceback(tmp_path, capsys):
