@@ -15,8 +15,9 @@ Stages (each cached under a hash of its configuration, so a second defense or se
               ``--defense w2s-origin`` adds an ablation beside both: W2SDefense with the feature term pulling
               toward the origin instead of the teacher's feature (what the teacher's features add).
               ``--defense mix-w2s`` first keeps only a quarter of the attacker's change to every backbone
-              weight, ``w_pre + 0.25 (w - w_pre)`` (``MIX_KEEP``), then runs W2SDefense (cpu preset: on the whole clean
-              set for one epoch, feature weight 0.02; ``MIX_UNLEARN``), beside the control at that budget.
+              weight, ``w_pre + 0.25 (w - w_pre)`` (``MIX_KEEP``), then runs W2SDefense (cpu preset: on the
+              whole clean set for one epoch, feature weight 0.02; ``MIX_UNLEARN``), beside the control at that
+              budget.
 
 Checkpoints are chosen on clean dev accuracy only; the test set is read once per model, at the end.
 """
@@ -137,7 +138,8 @@ PRESETS = {
         # A first look, for notebooks and CI, in under 5 minutes on a 2-core CPU (80-120 s measured, RESULTS.md):
         # small sets, dirty-label poisoning (a clean-label backdoor needs more data than that), short max length,
         # and the attacker trains only the top 6 of the 30 blocks, where the defender's LoRA goes too: the 24
-        # blocks below stay the pretrained ones and are run once per sentence (``train.cache_prefix``), exact and 5x cheaper.
+        # blocks below stay the pretrained ones and are run once per sentence (``train.cache_prefix``), exact and
+        # 5x cheaper.
         "attack": dict(mode="dirty", poison_rate=0.2, train_size=600, epochs=2.0, lr=2e-4, max_length=32,
                        dev_size=100, evals_per_epoch=1, train_layers=6),
         # the syntactic attack as in cpu, over any rows, before the 600 are drawn
@@ -789,7 +791,8 @@ def run(args) -> dict:
         seconds[defense] = m["seconds"]
         rows.append({"model": defense, **{k: m[k] for k in ("ca", "asr", "seconds")}, "weights": m["weights"]})
     result = {"rows": rows, "teacher_ca": teacher["ca"] if teacher else None, "seconds": seconds,
-              "wall_seconds": time.perf_counter() - start, "preset": args.preset, "defense": args.defense, "seed": a.seed,
+              "wall_seconds": time.perf_counter() - start, "preset": args.preset, "defense": args.defense,
+              "seed": a.seed,
               "config": {"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)},
               "machine": machine(), "device": device}
     write_json(out / "results.json", result)
@@ -825,7 +828,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher's fine-tuning")
     p.add_argument("--alpha", type=float, default=None, help="weight of the cross-entropy term (default 5)")
     p.add_argument("--beta", type=float, default=None, help="weight of the T^2-scaled KL distillation term (default 0.001)")
-    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term (default 0.05; mix-w2s 0.02)")
+    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term (default 0.05; 0.02 in quick and in cpu's mix-w2s)")
     p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated, default) or the authors' per-attack table (then no --alpha/--beta/--gamma/--fa)")
     p.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES), help="feature distance: l2 (the paper's, default) or normalized (directions only)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank r (preset's: 512 in cpu and paper)")
