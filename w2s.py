@@ -351,10 +351,10 @@ def save_model(model, path: Path, metadata=None):
 
 def load_model_state(model, path: Path):
     sd = weights.read_safetensors(path)
-    missing = [k for k in model.state_dict() if k not in sd and "lm_head" not in k]
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and "lm_head" not in k]
     if missing:
         raise weights.WeightFileError(f"{path}: missing tensors {missing[:3]}; delete the stage folder and rerun")
-    own = model.state_dict()
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(own[k].shape)})" for k in own
              if k in sd and sd[k].shape != own[k].shape]
     if wrong:
@@ -705,10 +705,8 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
         raise SystemExit(f"error: unknown dataset {a.dataset!r}; choose one of {', '.join(data.DATASETS)} "
                          f"or give a folder with train.tsv, dev.tsv, test.tsv")
     for name, value in (("--rank", u.rank), ("--lora-alpha", u.lora_alpha), ("--epochs", u.epochs),
-                        ("--attack-epochs", a.epochs), ("--teacher-epochs", t.epochs)):
-        if value <= 0:
-            raise SystemExit(f"error: {name} must be positive, got {value}")
-    for name, value in (("--lr", u.lr), ("--attack-lr", a.lr), ("--insertions", a.insertions)):
+                        ("--attack-epochs", a.epochs), ("--teacher-epochs", t.epochs), ("--lr", u.lr),
+                        ("--attack-lr", a.lr), ("--insertions", a.insertions)):
         if value <= 0:
             raise SystemExit(f"error: {name} must be positive, got {value}")
     if u.clean_size is not None and u.clean_size < 1:
