@@ -619,6 +619,26 @@ def _missing_key_error(source, e: KeyError):
     return weights.WeightFileError(f"{source}: tensor {e.args[0]!r} not found; is this the right kind of checkpoint?")
 
 
+# The linear projections of each decoder style, by attribute name: what LoRA can wrap in a block.
+PROJECTIONS = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+               "gpt2": ("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")}
+
+
+def decoder_style(path) -> str | None:
+    """``"llama"`` or ``"gpt2"``, read from a decoder's metadata only (the GGUF header or config.json), so that a
+    setting that needs the other architecture fails in seconds, before any training. None when the metadata
+    names neither (or cannot be read): ``load_decoder`` then gives the precise error."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gguf":
+            kind = weights.read_gguf_metadata(path).get("general.architecture")
+        else:
+            kind = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, weights.WeightFileError):
+        return None
+    return kind if kind in PROJECTIONS else None
+
+
 def load_decoder(path) -> tuple[GPT, dict]:
     """Build a ``GPT`` from a ``.gguf`` file or a Hugging Face-layout folder (GPT-2 or Llama).
 

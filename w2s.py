@@ -188,7 +188,7 @@ MIX_UNLEARN = {"quick": {}, "cpu": dict(clean_size=None, epochs=1.0, evals_per_e
 DEFENSES = tuple(DEFENSE_ROWS)
 POISON_MODES = ("clean", "dirty", "dirty-any")
 # The students' projections LoRA can wrap: attention, then the MLP (Llama-style gate/up/down; GPT-2's fc/proj).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc", "proj")
+LORA_TARGETS = tuple(dict.fromkeys(name for names in models.PROJECTIONS.values() for name in names))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -734,6 +734,19 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
         raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
 
 
+def check_student(a: AttackConfig, u: UnlearnConfig) -> None:
+    """What ``check_configs`` cannot know without the student's files: that it has the projections LoRA is asked
+    to wrap. Reads the metadata only (seconds), so that a wrong ``--lora-targets`` fails before the attack trains,
+    not at the first unlearning stage a quarter of an hour later."""
+    style = models.decoder_style(weights.resolve_student(a.student))
+    if style is None:
+        return
+    missing = [name for name in u.targets if name not in models.PROJECTIONS[style]]
+    if missing:
+        raise SystemExit(f"error: --lora-targets {' '.join(missing)}: not projections of {a.student} "
+                         f"({style} blocks have {', '.join(models.PROJECTIONS[style])})")
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| model | CA | ASR | seconds |", "|---|---|---|---|"]
     for r in rows:
@@ -762,6 +775,7 @@ def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> st
 def run(args) -> dict:
     a, t, u, eval_size = resolve_configs(args)
     check_configs(a, t, u, args.defense, args.data_dir)
+    check_student(a, u)
     device = pick_device(args.device)
     stages = Path(args.stages)
     out = Path(args.out or Path("runs") / run_name(a, u, args.preset, args.defense))

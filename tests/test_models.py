@@ -159,6 +159,20 @@ def test_llama_parity_from_gguf_undoes_qk_permutation(tmp_path):
     assert_greedy_equal(ours, ref, x[:1, :5])
 
 
+@pytest.mark.parametrize("make, style", [(tiny_gpt2, "gpt2"), (tiny_llama, "llama")])
+def test_decoder_style_is_read_from_metadata_and_names_the_block_projections(tmp_path, make, style):
+    ref = make(tmp_path)
+    assert models.decoder_style(tmp_path) == style                   # config.json's model_type
+    if style == "llama":
+        write_tiny_llama_gguf(ref, tmp_path / "tiny.gguf")
+        assert models.decoder_style(tmp_path / "tiny.gguf") == "llama"      # the GGUF header
+    ours, _ = models.load_decoder(tmp_path)
+    linears = {name.rsplit(".", 1)[-1] for name, m in ours.blocks.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears == set(models.PROJECTIONS[style])                 # the table is the architecture's own
+    (tmp_path / "config.json").write_text('{"model_type": "mamba"}')
+    assert models.decoder_style(tmp_path) is None
+
+
 def test_unpermute_qk_inverts_llama_cpp_permute():
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)   # 2 heads of dim 8
     back = models.unpermute_qk(torch.from_numpy(llama_cpp_permute(w, 2)), 2)

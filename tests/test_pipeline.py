@@ -186,6 +186,17 @@ def test_lora_targets_must_be_projections_of_the_student(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_lora_targets_the_student_lacks_fail_before_the_attack_trains(tmp_path):
+    student, teacher, ds = make_tiny_world(tmp_path)
+    assert models.decoder_style(student) == "gpt2"
+    assert models.decoder_style(tmp_path / "nowhere") is None        # no metadata: the loader gives the error
+    with pytest.raises(SystemExit) as e:
+        w2s.run(tiny_args(tmp_path, student, teacher, ds, "--lora-targets", "q_proj gate_proj"))
+    assert "--lora-targets gate_proj: not projections of" in str(e.value) and "fc, proj" in str(e.value)
+    assert not (tmp_path / "stages").exists()                        # nothing trained, nothing cached
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_path):
     student, teacher, ds = make_tiny_world(tmp_path)
     result = w2s.run(tiny_args(tmp_path, student, teacher, ds))
