@@ -732,12 +732,13 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
                          "it needs the L2 feature distance (--fa l2)")
     if u.weights not in ("ours", "authors"):
         raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
+    check_student(a, u)
 
 
 def check_student(a: AttackConfig, u: UnlearnConfig) -> None:
-    """What ``check_configs`` cannot know without the student's files: that it has the projections LoRA is asked
-    to wrap. Reads the metadata only (seconds), so that a wrong ``--lora-targets`` fails before the attack trains,
-    not at the first unlearning stage a quarter of an hour later."""
+    """The last of ``check_configs``, the one that reads the student's files: that it has the projections LoRA is
+    asked to wrap. Reads the metadata only (seconds), so that a wrong ``--lora-targets`` fails before the attack
+    trains (in ``w2s.py`` and the bench scripts alike), not at the first unlearning stage a quarter of an hour later."""
     style = models.decoder_style(weights.resolve_student(a.student))
     if style is None:
         return
@@ -775,7 +776,6 @@ def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> st
 def run(args) -> dict:
     a, t, u, eval_size = resolve_configs(args)
     check_configs(a, t, u, args.defense, args.data_dir)
-    check_student(a, u)
     device = pick_device(args.device)
     stages = Path(args.stages)
     out = Path(args.out or Path("runs") / run_name(a, u, args.preset, args.defense))
