@@ -42,7 +42,10 @@ top k blocks, the share p of MLP units that contribute least to the residual str
 sentences (``mlp_contributions``) are removed (``prune_units``); with "defense" "none", the pruning alone;
 ``"mix": k`` moves every backbone weight back toward the pretrained student's before the LoRA goes in,
 ``w_pre + k * (w - w_pre)`` (``w2s.interpolate_weights``; Fine-mixing's idea, Zhang et al. 2022, in WiSE-FT's
-deterministic form), the head kept: it assumes the defender has the pretrained weights, which W2SDefense does not.
+deterministic form), the head kept: it assumes the defender has the pretrained weights, which W2SDefense does not;
+``"mix_blocks": {"a-b": k_g, ...}`` (with "mix") gives the blocks a to b (0-based, inclusive) their own factor k_g
+instead (``mix_by_group``; e.g. ``{"0-9": 0.0}`` sets the bottom ten blocks back to the pretrained ones and mixes
+the rest by "mix"), after bench/block_reset.py found where a trigger is carried.
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -102,13 +105,16 @@ def main(argv=None) -> None:
         latent = over.pop("latent", None)
         prune = over.pop("prune", None)
         mix = over.pop("mix", None)
+        mix_blocks = over.pop("mix_blocks", None)
+        if mix_blocks is not None and mix is None:
+            raise ValueError("mix_blocks sets some blocks' own mixing factor; it needs mix for the rest")
         cfg = dataclasses.replace(u, **over)
         if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         if mix is not None:
-            w2s.interpolate_weights(model.backbone, models.load_student(a.student)[0], mix)
+            mix_by_group(model.backbone, models.load_student(a.student)[0], mix, mix_blocks or {})
         if prune is not None:
             prune_dormant(model, tokenizer, prune, w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed,
                                                                "defender-clean"), cfg, device)
@@ -117,7 +123,7 @@ def main(argv=None) -> None:
         model.to(device)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         if mix is not None:                 # mixed bottom blocks are nobody else's: no sharing of their states
-            memo_key = (*memo_key, "mix", mix)
+            memo_key = (*memo_key, "mix", mix, json.dumps(mix_blocks, sort_keys=True))
         enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
         e_ca, e_asr, e_floor = enc(dev_ca), enc(dev_asr), enc(dev_floor)
 
@@ -187,6 +193,8 @@ def main(argv=None) -> None:
             over["prune"] = prune
         if mix is not None:
             over["mix"] = mix
+        if mix_blocks is not None:
+            over["mix_blocks"] = mix_blocks
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3),
                           **({"dev_acc": round(fit.best_dev_acc, 4)} if fit else {}),
@@ -201,6 +209,35 @@ def last_terms(history: list[dict], n: int = 25) -> dict:
     tail = history[-n:]
     keys = [k for k in tail[0] if k != "step"] if tail else []
     return {k: sum(row[k] for row in tail) / len(tail) for k in keys}
+
+
+def mix_by_group(backbone, pretrained, keep: float, groups: dict) -> None:
+    """``w2s.interpolate_weights`` with a factor per group of blocks: block b becomes
+    ``w_pre + k_b (w - w_pre)``, k_b the factor of the group ``"a-b"`` (0-based, inclusive) that holds b, ``keep``
+    for the blocks of no group and for everything outside the blocks (embeddings, final norm). In place; with no
+    groups it is ``interpolate_weights(backbone, pretrained, keep)`` to the bit."""
+    n = len(backbone.blocks)
+    for k in (keep, *groups.values()):                 # every factor checked before anything moves
+        if not 0.0 <= k <= 1.0:
+            raise ValueError(f"mix factors must be in [0, 1], got {k}")
+    own = {}
+    for group, k in groups.items():
+        try:
+            lo, hi = (int(x) for x in group.split("-"))
+        except ValueError:
+            raise ValueError(f"mix_blocks group {group!r} is not 'a-b' (0-based, inclusive)") from None
+        if not 0 <= lo <= hi < n:
+            raise ValueError(f"mix_blocks group {group!r} is outside the blocks 0-{n - 1}")
+        if own.keys() & set(range(lo, hi + 1)):
+            raise ValueError(f"mix_blocks group {group!r} overlaps another group")
+        own.update({b: float(k) for b in range(lo, hi + 1)})
+    for b, block in enumerate(backbone.blocks):
+        w2s.interpolate_weights(block, pretrained.blocks[b], own.get(b, keep))
+    ref = dict(pretrained.named_parameters())
+    with torch.no_grad():
+        for name, w in backbone.named_parameters():
+            if not name.startswith("blocks."):
+                w.copy_(keep * w + (1.0 - keep) * ref[name].to(w))        # interpolate_weights' own expression
 
 
 def prepare_head(model, head: str, seed: int) -> None:

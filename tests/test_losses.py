@@ -394,3 +394,52 @@ def test_mixing_interpolates_toward_the_reference_weights():
         interpolate_weights(c, tiny_classifier("llama", n_layer=3, num_classes=2, seed=8).backbone, 0.5)
     with pytest.raises(ValueError, match=r"mix must be in \[0, 1\]"):
         interpolate_weights(c, b, 1.5)
+
+
+def test_mixing_by_group_gives_a_group_of_blocks_its_own_factor():
+    # bench/calibrate_w2s.py's mix_blocks lever: with no group it is interpolate_weights to the bit; a group at 0
+    # is the reference's blocks, the other blocks and the embeddings are mixed by k. By hand on one weight of a
+    # block outside the group: w = (1, 3), w_ref = (5, -1), k = 0.25 -> (4, 0).
+    import calibrate_w2s
+    from w2s import interpolate_weights
+    from test_models import tiny_classifier
+    fresh = lambda: tiny_classifier("llama", n_layer=3, num_classes=2, seed=8).backbone
+    ref = tiny_classifier("llama", n_layer=3, num_classes=2, seed=9).backbone
+    plain, grouped = fresh(), fresh()
+    interpolate_weights(plain, ref, 0.25)
+    calibrate_w2s.mix_by_group(grouped, ref, 0.25, {})
+    assert all(torch.equal(p, dict(plain.named_parameters())[n]) for n, p in grouped.named_parameters())
+    grouped = fresh()
+    w, w_ref = grouped.blocks[2].norm1.weight, ref.blocks[2].norm1.weight
+    with torch.no_grad():
+        w[:2], w_ref[:2] = torch.tensor([1.0, 3.0]), torch.tensor([5.0, -1.0])
+    calibrate_w2s.mix_by_group(grouped, ref, 0.25, {"0-1": 0.0})
+    assert w[:2].tolist() == [4.0, 0.0]
+    for b in (0, 1):
+        assert all(torch.equal(p, dict(ref.blocks[b].named_parameters())[n])
+                   for n, p in grouped.blocks[b].named_parameters())
+    assert torch.equal(grouped.tok_emb.weight, plain.tok_emb.weight)
+    untouched = fresh()
+    for groups, message in [({"0-3": 0.0}, "outside the blocks"), ({"0-1": 0.0, "1-2": 0.5}, "overlaps"),
+                            ({"bottom": 0.0}, "is not 'a-b'"), ({"0-1": 1.5}, r"in \[0, 1\]")]:
+        with pytest.raises(ValueError, match=message):
+            calibrate_w2s.mix_by_group(untouched, ref, 0.25, groups)
+        assert all(torch.equal(p, dict(fresh().named_parameters())[n]) for n, p in untouched.named_parameters())
+
+
+def test_block_reset_copies_a_group_of_blocks_back_and_refuses_a_bad_group():
+    # bench/block_reset.py: the group's blocks become the reference's, nothing else moves; "emb" is the embeddings.
+    import block_reset
+    from test_models import tiny_classifier
+    model = tiny_classifier("llama", n_layer=3, num_classes=2, seed=8)
+    ref = tiny_classifier("llama", n_layer=3, num_classes=2, seed=9).backbone
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    block_reset.reset_to(model, ref, block_reset.parse_group("1-2", 3))
+    for n, p in model.backbone.named_parameters():
+        moved = n.startswith(("blocks.1.", "blocks.2."))
+        assert torch.equal(p, dict(ref.named_parameters())[n] if moved else before[n]), n
+    block_reset.reset_to(model, ref, block_reset.parse_group("emb", 3))
+    assert torch.equal(model.backbone.tok_emb.weight, ref.tok_emb.weight)
+    for bad in ("2-3", "top", "2-1"):
+        with pytest.raises(SystemExit, match="block_reset.py: group"):
+            block_reset.parse_group(bad, 3)
