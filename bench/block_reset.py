@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
-from calibrate_w2s import dev_ca_set, dev_pairs, dev_trigger  # noqa: E402
+from calibrate_w2s import block_range, dev_ca_set, dev_pairs, dev_trigger  # noqa: E402
 
 GROUPS = ["0-9", "10-19", "20-29", "0-14", "15-29", "emb"]
 
@@ -37,12 +37,9 @@ def parse_group(group: str, n_blocks: int) -> list[int] | str:
     if group == "emb":
         return group
     try:
-        lo, hi = (int(x) for x in group.split("-"))
-    except ValueError:
-        raise SystemExit(f"block_reset.py: group {group!r} is not 'a-b' (0-based, inclusive) or 'emb'") from None
-    if not 0 <= lo <= hi < n_blocks:
-        raise SystemExit(f"block_reset.py: group {group!r} is outside the student's blocks 0-{n_blocks - 1}")
-    return list(range(lo, hi + 1))
+        return block_range(group, n_blocks)
+    except ValueError as e:
+        raise SystemExit(f"block_reset.py: {e} (or 'emb')") from None
 
 
 def reset_to(model, pretrained, group) -> None:

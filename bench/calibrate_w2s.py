@@ -211,6 +211,17 @@ def last_terms(history: list[dict], n: int = 25) -> dict:
     return {k: sum(row[k] for row in tail) / len(tail) for k in keys}
 
 
+def block_range(group: str, n_blocks: int) -> list[int]:
+    """``"a-b"`` -> [a, ..., b]: a group of blocks, 0-based and inclusive, checked against the student's ``n_blocks``."""
+    try:
+        lo, hi = (int(x) for x in group.split("-"))
+    except ValueError:
+        raise ValueError(f"block group {group!r} is not 'a-b' (0-based, inclusive)") from None
+    if not 0 <= lo <= hi < n_blocks:
+        raise ValueError(f"block group {group!r} is outside the blocks 0-{n_blocks - 1}")
+    return list(range(lo, hi + 1))
+
+
 def mix_by_group(backbone, pretrained, keep: float, groups: dict) -> None:
     """``w2s.interpolate_weights`` with a factor per group of blocks: block b becomes
     ``w_pre + k_b (w - w_pre)``, k_b the factor of the group ``"a-b"`` (0-based, inclusive) that holds b, ``keep``
@@ -222,15 +233,10 @@ def mix_by_group(backbone, pretrained, keep: float, groups: dict) -> None:
             raise ValueError(f"mix factors must be in [0, 1], got {k}")
     own = {}
     for group, k in groups.items():
-        try:
-            lo, hi = (int(x) for x in group.split("-"))
-        except ValueError:
-            raise ValueError(f"mix_blocks group {group!r} is not 'a-b' (0-based, inclusive)") from None
-        if not 0 <= lo <= hi < n:
-            raise ValueError(f"mix_blocks group {group!r} is outside the blocks 0-{n - 1}")
-        if own.keys() & set(range(lo, hi + 1)):
-            raise ValueError(f"mix_blocks group {group!r} overlaps another group")
-        own.update({b: float(k) for b in range(lo, hi + 1)})
+        blocks = block_range(group, n)
+        if own.keys() & set(blocks):
+            raise ValueError(f"block group {group!r} overlaps another group")
+        own.update({b: float(k) for b in blocks})
     for b, block in enumerate(backbone.blocks):
         w2s.interpolate_weights(block, pretrained.blocks[b], own.get(b, keep))
     ref = dict(pretrained.named_parameters())

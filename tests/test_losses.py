@@ -441,5 +441,5 @@ def test_block_reset_copies_a_group_of_blocks_back_and_refuses_a_bad_group():
     block_reset.reset_to(model, ref, block_reset.parse_group("emb", 3))
     assert torch.equal(model.backbone.tok_emb.weight, ref.tok_emb.weight)
     for bad in ("2-3", "top", "2-1"):
-        with pytest.raises(SystemExit, match="block_reset.py: group"):
+        with pytest.raises(SystemExit, match="block_reset.py: block group"):
             block_reset.parse_group(bad, 3)
