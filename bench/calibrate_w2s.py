@@ -228,6 +228,8 @@ def mix_by_group(backbone, pretrained, keep: float, groups: dict) -> None:
     for the blocks of no group and for everything outside the blocks (embeddings, final norm). In place; with no
     groups it is ``interpolate_weights(backbone, pretrained, keep)`` to the bit."""
     n = len(backbone.blocks)
+    if len(pretrained.blocks) != n:
+        raise ValueError("mix_by_group needs two backbones of the same architecture")
     for k in (keep, *groups.values()):                 # every factor checked before anything moves
         if not 0.0 <= k <= 1.0:
             raise ValueError(f"mix factors must be in [0, 1], got {k}")

@@ -425,6 +425,8 @@ def test_mixing_by_group_gives_a_group_of_blocks_its_own_factor():
         with pytest.raises(ValueError, match=message):
             calibrate_w2s.mix_by_group(untouched, ref, 0.25, groups)
         assert all(torch.equal(p, dict(fresh().named_parameters())[n]) for n, p in untouched.named_parameters())
+    with pytest.raises(ValueError, match="same architecture"):
+        calibrate_w2s.mix_by_group(untouched, tiny_classifier("llama", n_layer=2, num_classes=2, seed=9).backbone, 0.25, {})
 
 
 def test_block_reset_copies_a_group_of_blocks_back_and_refuses_a_bad_group():
