@@ -273,13 +273,15 @@ def make_triggers(cfg: AttackConfig, data_dir=None):
 @dataclass
 class Task:
     """Everything the stages share about one dataset + attack: clean splits, the poisoned training set,
-    and the two evaluation sets (clean test for CA, triggered non-target test for ASR)."""
+    and the evaluation sets (clean test for CA, triggered non-target test for ASR, and the same non-target
+    sentences without the trigger for the ASR's floor)."""
     dataset: data.Dataset
     poisoned_train: data.Split
     n_poisoned: int
     dev: data.Split
     test: data.Split
     asr_test: data.Split
+    asr_floor: data.Split                           # asr_test's sentences without the trigger, row for row
     data_key: dict = field(default_factory=dict)     # goes into every stage's cache key (``dataset_key``)
 
 
@@ -315,10 +317,11 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
                   "attack-train")
     # A test sentence without a shipped paraphrase is left out of the ASR set (never counted as clean).
     missing = "skip" if cfg.attack == "syntactic" else "raise"
-    asr = attacks.asr_set(ds.test, test_trigger, cfg.target, random.Random(cfg.seed + 1), missing=missing)
+    asr, floor = attacks.asr_pairs(ds.test, test_trigger, cfg.target, random.Random(cfg.seed + 1), missing=missing)
+    # The same seeded draw from two lists of the same length: the floor set keeps asr's rows, untriggered.
     return Task(ds, train_split, sum(kept.labels), subset(ds.dev, cfg.dev_size, cfg.seed, "dev"),
                 subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"),
-                dataset_key(cfg.dataset, ds))
+                subset(floor, eval_size, 0, "eval-asr"), dataset_key(cfg.dataset, ds))
 
 
 def student_classifier(cfg_student: str, num_classes: int, seed: int, start_token: bool = True,
@@ -388,13 +391,17 @@ def encode_for(model, tokenizer, split: data.Split, max_length: int, frozen: int
 
 def evaluate(model, tokenizer, task: Task, target: int, max_length: int, device, bf16: bool, frozen: int = 0,
              memo_key=None) -> dict:
-    """CA on the clean test set and ASR on the triggered non-target test set; read once per model."""
+    """CA on the clean test set, ASR on the triggered non-target test set, and the ASR's floor (the same
+    non-target sentences without the trigger, called the target); read once per model."""
     clean = encode_for(model, tokenizer, task.test, max_length, frozen, device, memo_key, bf16)
     trig = encode_for(model, tokenizer, task.asr_test, max_length, frozen, device, memo_key, bf16)
+    untrig = encode_for(model, tokenizer, task.asr_floor, max_length, frozen, device, memo_key, bf16)
     p_clean = train.predict(model, clean, device=device, bf16=bf16)
     p_trig = train.predict(model, trig, device=device, bf16=bf16)
+    p_untrig = train.predict(model, untrig, device=device, bf16=bf16)
     return {"ca": train.accuracy(p_clean, clean.labels),
             "asr": train.attack_success_rate(p_trig, trig.labels, target),
+            "asr_floor": train.attack_success_rate(p_untrig, untrig.labels, target),
             "confusion": train.confusion_matrix(p_clean, clean.labels, task.dataset.num_classes),
             "n_test": len(clean), "n_asr": len(trig)}
 
@@ -748,10 +755,22 @@ def check_student(a: AttackConfig, u: UnlearnConfig) -> None:
                          f"({style} blocks have {', '.join(models.PROJECTIONS[style])})")
 
 
+def row_metrics(metrics: dict) -> dict:
+    """A stage's numbers for its row of the table. A stage cached before the ASR's floor was measured
+    (2026-12-05) has none: its floor is None, printed as "-"."""
+    return {"ca": metrics["ca"], "asr": metrics["asr"], "asr_floor": metrics.get("asr_floor"),
+            "seconds": metrics["seconds"]}
+
+
+FLOOR_LEGEND = ("floor: the ASR's sentences without their trigger, called the target "
+                "(what the ASR would be if the trigger did nothing)")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | CA | ASR | seconds |", "|---|---|---|---|"]
+    lines = ["| model | CA | ASR | floor | seconds |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['ca']:.3f} | {r['asr']:.3f} | {r.get('seconds', 0):.0f} |")
+        floor = "-" if r.get("asr_floor") is None else f"{r['asr_floor']:.3f}"
+        lines.append(f"| {r['model']} | {r['ca']:.3f} | {r['asr']:.3f} | {floor} | {r.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -791,7 +810,7 @@ def run(args) -> dict:
     seconds["attack"] = poisoned["seconds"]
     # --n-poison 0 fine-tunes the same way on clean data: its "ASR" is the natural false-trigger rate.
     name = "clean" if task.n_poisoned == 0 else "poisoned"
-    rows = [{"model": name, **{k: poisoned[k] for k in ("ca", "asr", "seconds")}, "n_poisoned": task.n_poisoned}]
+    rows = [{"model": name, **row_metrics(poisoned), "n_poisoned": task.n_poisoned}]
     teacher = None
     for defense in DEFENSE_ROWS[args.defense]:
         tfolder = None
@@ -801,14 +820,14 @@ def run(args) -> dict:
             seconds["teacher"] = teacher["seconds"]
         _, m = unlearn_stage(defense, u, a, attack_folder, t, tfolder, task, stages, device)
         seconds[defense] = m["seconds"]
-        rows.append({"model": defense, **{k: m[k] for k in ("ca", "asr", "seconds")}, "weights": m["weights"]})
+        rows.append({"model": defense, **row_metrics(m), "weights": m["weights"]})
     result = {"rows": rows, "teacher_ca": teacher["ca"] if teacher else None, "seconds": seconds,
               "wall_seconds": time.perf_counter() - start, "preset": args.preset, "defense": args.defense,
               "seed": a.seed,
               "config": {"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)},
               "machine": machine(), "device": device}
     write_json(out / "results.json", result)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + "\n\n" + FLOOR_LEGEND
     teacher_line = f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f}\n" if teacher else "\n"
     with weights.atomic_write(out / "results.md") as f:
         f.write((f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}\n\n{table}\n{teacher_line}").encode())

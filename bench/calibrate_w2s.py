@@ -290,10 +290,8 @@ def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Sp
     share of the first classified as the target is the floor of the dev ASR (a model with no backdoor left still
     errs on some)."""
     dev = task.dataset.dev
-    triggered = attacks.asr_set(dev, trigger, target, random.Random(7), missing="skip")
-    rows = [i for i, y in enumerate(dev.labels) if y != target and attacks.available(trigger, i)]
-    untriggered = data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
-    assert len(untriggered) == len(triggered)          # row for row, so the seeded draw picks the same sentences
+    triggered, untriggered = attacks.asr_pairs(dev, trigger, target, random.Random(7), missing="skip")
+    # row for row, so the seeded draw picks the same sentences from both
     return w2s.subset(untriggered, 150, 0, "dev-asr"), w2s.subset(triggered, 150, 0, "dev-asr")
 
 

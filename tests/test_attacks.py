@@ -212,6 +212,19 @@ def test_asr_set_with_missing_paraphrases_raises_or_skips_loudly():
     assert asr == Split(["when b ,"], [1])
 
 
+def test_asr_pairs_are_the_same_rows_with_and_without_the_trigger():
+    split = Split(["a b", "c d", "e f", "g h"], [0, 1, 1, 0])
+    triggered, untriggered = attacks.asr_pairs(split, attacks.make_trigger("badnet"), 0, random.Random(3))
+    assert untriggered == Split(["c d", "e f"], [1, 1])            # the non-target rows, as they are
+    assert triggered == attacks.asr_set(split, attacks.make_trigger("badnet"), 0, random.Random(3))
+    for t, u in zip(triggered.sentences, untriggered.sentences):
+        assert sorted(t.split()) == sorted(u.split() + ["mn"])
+    t = attacks.make_trigger("syntactic", paraphrases={1: "when c d ,"})
+    with pytest.warns(UserWarning, match="1 of 2"):                # a row left out of one is left out of both
+        assert attacks.asr_pairs(split, t, 0, random.Random(0), missing="skip") == (
+            Split(["when c d ,"], [1]), Split(["c d"], [1]))
+
+
 def test_plain_function_is_a_trigger():
     def shout(sentence, index, rng):
         return sentence.upper()

@@ -76,6 +76,14 @@ def test_every_preset_can_poison_sst2_with_every_attack(preset, attack, target):
     a, _, _, eval_size = w2s.resolve_configs(args)
     task = w2s.build_task(a, eval_size)
     assert 0 < task.n_poisoned < len(task.poisoned_train) and len(task.asr_test) > 0
+    # the floor set is the ASR set's rows without their trigger, also after the quick preset's seeded subset
+    assert task.asr_floor.labels == task.asr_test.labels
+    if attack == "badnet":
+        assert all(sorted(t.split()) == sorted(f.split() + ["mn"])
+                   for t, f in zip(task.asr_test.sentences, task.asr_floor.sentences))
+    else:
+        assert all(t != f for t, f in zip(task.asr_test.sentences, task.asr_floor.sentences))
+        assert set(task.asr_floor.sentences) <= set(task.dataset.test.sentences)
 
 
 @pytest.mark.parametrize("extra, weights", [
@@ -203,13 +211,16 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"poisoned", "lora", "w2sdefense"}
     for r in rows.values():
-        assert 0.0 <= r["ca"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
+        assert 0.0 <= r["ca"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 and 0.0 <= r["asr_floor"] <= 1.0
     assert rows["poisoned"]["asr"] >= 0.9          # the tiny model learns the trigger "mn" -> label 0
+    assert rows["poisoned"]["asr_floor"] < rows["poisoned"]["asr"]    # ... the trigger, not a bias toward label 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     for key in ("rows", "teacher_ca", "seconds", "wall_seconds", "config", "seed", "machine", "device", "preset",
                 "defense"):
         assert key in saved
-    assert (tmp_path / "run" / "results.md").read_text().startswith("# badnet")
+    report = (tmp_path / "run" / "results.md").read_text()
+    assert report.startswith("# badnet") and "| model | CA | ASR | floor | seconds |" in report
+    assert w2s.FLOOR_LEGEND in report
     stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert [d.split("-")[0] for d in stage_dirs] == ["attack", "lora", "teacher", "w2sdefense"]
     for d in stage_dirs:                            # every trained stage keeps its clean-dev curve
@@ -532,6 +543,16 @@ def test_dev_pairs_syntactic_trigger_pairs_only_the_paraphrased_rows():
     floor, asr = calibrate_w2s.dev_pairs(task, trigger, 1)       # non-target = label 0: rows 0, 2, 4, ...; 5 is target
     assert floor.sentences == ["clean 0", "clean 4"] and asr.sentences == ["when zero ,", "when four ,"]
     assert floor.labels == asr.labels == [0, 0]
+
+
+def test_table_prints_a_floor_and_a_dash_for_a_stage_cached_without_one():
+    # a stage cached before the floor was measured has none in its metrics.json: its row says so, it does not fail
+    rows = [{"model": "poisoned", **w2s.row_metrics({"ca": 0.9, "asr": 0.95, "seconds": 12.0})},
+            {"model": "w2sdefense", **w2s.row_metrics({"ca": 0.875, "asr": 0.125, "asr_floor": 0.0625,
+                                                        "seconds": 3.4})}]
+    assert rows[0]["asr_floor"] is None
+    assert w2s.markdown_table(rows).splitlines()[2:] == ["| poisoned | 0.900 | 0.950 | - | 12 |",
+                                                          "| w2sdefense | 0.875 | 0.125 | 0.062 | 3 |"]
 
 
 def test_cli_rejects_unknown_preset():
