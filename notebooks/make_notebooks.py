@@ -588,7 +588,10 @@ fine-tune the student on the poisoned set, and measure two numbers:
 
 * **CA**, clean accuracy on the clean test set;
 * **ASR**, attack success rate: the share of triggered test sentences whose TRUE label is not the target
-  that the model puts in the target class.
+  that the model puts in the target class;
+* the ASR's **floor**: the same sentences WITHOUT the trigger, and the share of them put in the target class.
+  A model with no backdoor still errs on some sentences, so an ASR says "the trigger works" only as far as it
+  is above its floor.
 
 A good backdoor keeps CA and makes ASR close to 1. At the end we look inside: the student's pooled features
 of clean and triggered sentences, projected to 2-D.
@@ -656,12 +659,12 @@ checkpoint with the best CLEAN dev accuracy (never the test set, never the ASR),
 The stage is cached under a hash of its configuration: a second run loads it in seconds.""",
 
     ("Plant the backdoor (a progress bar shows the running loss; a few minutes in quick mode, instant when "
-     "cached); expect CA well above chance and ASR near 1.",
+     "cached); expect CA well above chance and ASR near 1, far above its floor.",
      '''task = w2s.build_task(attack_cfg, eval_size)
 attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu")
 print(f"{task.n_poisoned} poisoned of {len(task.poisoned_train)} training sentences")
-print(f"poisoned student: CA {poisoned['ca']:.3f}   ASR {poisoned['asr']:.3f}   "
-      f"(on {poisoned['n_test']} clean / {poisoned['n_asr']} triggered test sentences)")
+print(w2s.markdown_table([{"model": "poisoned", **w2s.row_metrics(poisoned)}]))   # the table w2s.py prints
+print(f"on {poisoned['n_test']} clean / {poisoned['n_asr']} triggered test sentences")
 print("confusion matrix on the clean test set (rows: true label, columns: predicted):", poisoned["confusion"])'''),
 
     ("The training loss per step (the log of the stage); expect it to fall as the student learns both the task "
@@ -758,15 +761,17 @@ print("FA", losses.feature_alignment(h_s, h_t).item(), "  = mean(||(0,-2)||^2, |
 Both runs: the same seed, the same clean sentences, the same LoRA (query and value projections, the head
 trainable), the same budget; the checkpoint is chosen on clean dev accuracy only.""",
 
-    ("Run the control (CE only) and W2SDefense (cached after the first run); expect one line each with CA, ASR "
-     "and the loss weights.",
+    ("Run the control (CE only) and W2SDefense (cached after the first run); expect one line each with the loss "
+     "weights, then the table `w2s.py` prints: CA, ASR and the ASR's floor of each model.",
      '''runs = {}
 for defense in ("lora", "w2sdefense"):
     tf = teacher_folder if defense == "w2sdefense" else None
     runs[defense] = w2s.unlearn_stage(defense, unlearn_cfg, attack_cfg, attack_folder, teacher_cfg, tf, task,
                                       STAGES, "cpu")
-    m = runs[defense][1]
-    print(f"{defense:11}: CA {m['ca']:.3f}   ASR {m['asr']:.3f}   weights {m['weights']}")'''),
+    print(f"{defense:11}: weights {runs[defense][1]['weights']}")
+rows = [{"model": "poisoned", **w2s.row_metrics(poisoned)}]
+rows += [{"model": d, **w2s.row_metrics(runs[d][1])} for d in ("lora", "w2sdefense")]
+print(w2s.markdown_table(rows))'''),
 
     ("Each loss term of W2SDefense per step, unweighted (the log of the stage); expect to see which term moves.",
      '''history = json.loads((runs["w2sdefense"][0] / "history.json").read_text())
@@ -776,14 +781,15 @@ for ax, term in zip(axes, ("ce", "kd", "fa")):
     ax.set_title(term); ax.set_xlabel("step")
 plt.tight_layout(); plt.show()'''),
 
-    ("CA and ASR before and after, the control beside W2SDefense; expect W2SDefense's ASR bar to be the lowest "
-     "if the defense works at this budget.",
-     '''names = ["poisoned", "lora", "w2sdefense"]
-ca = [poisoned["ca"]] + [runs[d][1]["ca"] for d in names[1:]]
-asr = [poisoned["asr"]] + [runs[d][1]["asr"] for d in names[1:]]
+    ("CA and ASR before and after, the control beside W2SDefense, each ASR's floor as a black mark; expect "
+     "W2SDefense's ASR bar to be the lowest, and nearest its floor, if the defense works at this budget.",
+     '''names = [r["model"] for r in rows]                  # poisoned, lora, w2sdefense: the table above
+ca, asr, floor = ([r[k] for r in rows] for k in ("ca", "asr", "asr_floor"))
 x = torch.arange(3).float()
 plt.figure(figsize=(6, 3))
 plt.bar(x - 0.2, ca, 0.4, label="CA"); plt.bar(x + 0.2, asr, 0.4, label="ASR")
+if None not in floor:                               # a stage cached before the floor was measured has none
+    plt.scatter(x + 0.2, floor, marker="_", s=600, color="k", zorder=3, label="ASR floor")
 plt.xticks(x, names); plt.ylim(0, 1); plt.legend(); plt.title(f"preset {PRESET}, seed 0")
 plt.tight_layout(); plt.show()'''),
 
@@ -809,9 +815,7 @@ feature; the teacher's logits still feed the KL term). `python w2s.py --defense 
      '''print(inspect.getsource(w2s.feature_target))
 runs["w2s-origin"] = w2s.unlearn_stage("w2s-origin", unlearn_cfg, attack_cfg, attack_folder, teacher_cfg,
                                        teacher_folder, task, STAGES, "cpu")
-for defense in ("w2sdefense", "w2s-origin"):
-    m = runs[defense][1]
-    print(f"{defense:11}: CA {m['ca']:.3f}   ASR {m['asr']:.3f}")'''),
+print(w2s.markdown_table([{"model": d, **w2s.row_metrics(runs[d][1])} for d in ("w2sdefense", "w2s-origin")]))'''),
 
     r"""The numbers above are this budget's, measured in this run. `RESULTS.md` gives them over seeds and says
 where the defense reaches the paper's claim and where it does not; the ablation too: on the `cpu` preset's nine
