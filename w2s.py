@@ -19,7 +19,9 @@ Stages (each cached under a hash of its configuration, so a second defense or se
               whole clean set for one epoch, feature weight 0.02; ``MIX_UNLEARN``), beside the control at that
               budget.
 
-Checkpoints are chosen on clean dev accuracy only; the test set is read once per model, at the end.
+Checkpoints are chosen on clean dev accuracy only; the test set is read once per model, at the end. Each
+model's row gives CA, ASR (triggered test sentences whose true label is not the target, called the target) and
+the ASR's floor (the same sentences without the trigger, called the target).
 """
 
 from __future__ import annotations
