@@ -3,7 +3,8 @@
     .venv/bin/python bench/collect_results.py runs/badnet-sst2-cpu-seed0 runs/badnet-sst2-cpu-seed1 ...
 
 One row per run folder (its seed, CA / ASR of every model it reports, the teacher's CA, its wall seconds), then
-a row of mean ± std (sample standard deviation) over them. RESULTS.md's tables are printed by this script.
+a row of mean ± std (sample standard deviation) over them. A model whose every run reports the ASR's floor (runs
+from 2026-12-05 on) gets CA / ASR / floor. RESULTS.md's tables are printed by this script.
 """
 
 from __future__ import annotations
@@ -31,19 +32,23 @@ def mean_std(xs: list[float]) -> str:
 
 def table(results: list[dict]) -> str:
     models = list(dict.fromkeys(r["model"] for res in results for r in res["rows"]))
-    head = ["seed"] + [f"{m} CA / ASR" for m in models] + ["teacher CA", "wall s"]
+    keys = {m: ("ca", "asr", "asr_floor") if all(r.get("asr_floor") is not None for res in results
+                                                 for r in res["rows"] if r["model"] == m) else ("ca", "asr")
+            for m in models}
+    head = ["seed"] + [f"{m} CA / ASR" + (" / floor" if len(keys[m]) == 3 else "") for m in models]
+    head += ["teacher CA", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         rows = {r["model"]: r for r in res["rows"]}
         cells = [str(res["seed"])]
-        cells += [f"{rows[m]['ca']:.3f} / {rows[m]['asr']:.3f}" if m in rows else "–" for m in models]
+        cells += [" / ".join(f"{rows[m][k]:.3f}" for k in keys[m]) if m in rows else "–" for m in models]
         cells += [f"{res['teacher_ca']:.3f}" if res.get("teacher_ca") is not None else "–", f"{res['wall_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if len(results) > 1:
         cells = ["mean ± std"]
         for m in models:
             got = [r for res in results for r in res["rows"] if r["model"] == m]
-            cells.append(f"{mean_std([r['ca'] for r in got])} / {mean_std([r['asr'] for r in got])}")
+            cells.append(" / ".join(mean_std([r[k] for r in got]) for k in keys[m]))
         cells.append(mean_std([res["teacher_ca"] for res in results if res.get("teacher_ca") is not None]))
         cells.append("")
         lines.append("| " + " | ".join(cells) + " |")

@@ -569,6 +569,15 @@ def test_collect_results_mean_and_sample_std_by_hand():
     lines = collect_results.table(runs).splitlines()
     assert lines[2] == "| 0 | 0.900 / 0.100 | 0.880 | 60 |"
     assert lines[-1] == "| mean ± std | 0.900 ± 0.000 / 0.200 ± 0.141 | 0.880 ± 0.000 |  |"
+    # with the ASR's floor in every run (floors 0.05 and 0.15: mean 0.1, std 0.0707), it gets its own column
+    for run, floor in zip(runs, (0.05, 0.15)):
+        run["rows"][0]["asr_floor"] = floor
+    lines = collect_results.table(runs).splitlines()
+    assert lines[0] == "| seed | w2sdefense CA / ASR / floor | teacher CA | wall s |"
+    assert lines[2] == "| 0 | 0.900 / 0.100 / 0.050 | 0.880 | 60 |"
+    assert lines[-1] == "| mean ± std | 0.900 ± 0.000 / 0.200 ± 0.141 / 0.100 ± 0.071 | 0.880 ± 0.000 |  |"
+    runs[1]["rows"][0]["asr_floor"] = None              # a run cached before the floor: no floor column
+    assert collect_results.table(runs).splitlines()[0] == "| seed | w2sdefense CA / ASR | teacher CA | wall s |"
 
 
 def test_screen_gate_means_by_hand(tmp_path):
