@@ -10,7 +10,7 @@ weights) and the unlearning runs (LoRA + head): it trains whatever parameters ha
 * ``fit``: AdamW, linear warm-up then linear decay, gradient clipping, optional bf16 autocast, a
   tqdm bar with the running loss, and the best checkpoint chosen on CLEAN dev accuracy only, restored
   at the end (REFERENCE.md §5: never select or stop on test ASR);
-* ``predict``, ``accuracy``, ``attack_success_rate``, ``confusion_matrix``.
+* ``logits``, ``predict``, ``accuracy``, ``attack_success_rate``, ``confusion_matrix``.
 
 A loss function is pluggable: ``loss_fn(model, batch) -> (loss, {term: value})``, so W2SDefense adds its
 distillation terms without a second loop. Every term is logged per step.
@@ -238,19 +238,29 @@ def make_optimizer(params, lr: float, weight_decay: float, device):
 
 
 @torch.inference_mode()
-def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, device=None) -> torch.Tensor:
-    """Predicted class of every row of ``data``, in the original order."""
+def logits(model, data: Encoded, batch_size: int = 64, bf16: bool = False, device=None) -> torch.Tensor:
+    """The logits of every row of ``data``, (N, classes) float32, in the original order (under bf16 autocast
+    they are computed in bf16; the cast to float32 is exact)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    preds = torch.empty(len(data), dtype=torch.long)
+    out = None
     with bf16_weights(model, enabled=bf16, frozen_only=False):     # cast once per call, not once per batch
         for b in batches(data, batch_size):
             with autocast(device, bf16):
-                logits = model(**b.to(device).inputs())
-            preds[b.index] = logits.argmax(-1).cpu()
+                z = model(**b.to(device).inputs())
+            if out is None:
+                out = torch.empty(len(data), z.shape[-1])
+            out[b.index] = z.float().cpu()
     model.train(was_training)
-    return preds
+    return out if out is not None else torch.empty(0, 0)
+
+
+def predict(model, data: Encoded, batch_size: int = 64, bf16: bool = False, device=None) -> torch.Tensor:
+    """Predicted class of every row of ``data``, in the original order."""
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.long)
+    return logits(model, data, batch_size, bf16, device).argmax(-1)
 
 
 @torch.inference_mode()

@@ -43,6 +43,9 @@ sentences (``mlp_contributions``) are removed (``prune_units``); with "defense" 
 ``"mix": k`` moves every backbone weight back toward the pretrained student's before the LoRA goes in,
 ``w_pre + k * (w - w_pre)`` (``w2s.interpolate_weights``; Fine-mixing's idea, Zhang et al. 2022, in WiSE-FT's
 deterministic form), the head kept: it assumes the defender has the pretrained weights, which W2SDefense does not;
+``"fit_threshold": true`` after unlearning moves the decision on the margin ``z_1 - z_0`` to the threshold
+that is most accurate on the clean dev sentences no reading uses (``threshold_rows``, classes weighted back to
+the whole dev set's shares, ``fit_threshold``), and reports that reading too ("threshold"), beside the line's own;
 ``"mix_blocks": {"a-b": k_g, ...}`` (with "mix") gives the blocks a to b (0-based, inclusive) their own factor k_g
 instead (``mix_by_group``; e.g. ``{"0-9": 0.0}`` sets the bottom ten blocks back to the pretrained ones and mixes
 the rest by "mix"), after bench/block_reset.py found where a trigger is carried.
@@ -106,6 +109,9 @@ def main(argv=None) -> None:
         prune = over.pop("prune", None)
         mix = over.pop("mix", None)
         mix_blocks = over.pop("mix_blocks", None)
+        threshold = over.pop("fit_threshold", False)
+        if threshold and task.dataset.num_classes != 2:
+            raise ValueError("fit_threshold fits one threshold on the margin z_1 - z_0: two classes only")
         if mix_blocks is not None and mix is None:
             raise ValueError("mix_blocks sets some blocks' own mixing factor; it needs mix for the rest")
         cfg = dataclasses.replace(u, **over)
@@ -169,6 +175,19 @@ def main(argv=None) -> None:
         ca, asr = measure()
         floor = train.attack_success_rate(train.predict(model, e_floor, device=device, bf16=cfg.bf16), e_floor.labels,
                                           a.target)
+        refit = {}
+        if threshold:                                 # one more reading of the same student, its decision moved
+            fit_rows = threshold_rows(task.dataset.dev, dev_ca, dev_floor)
+            margin = lambda e: (lambda z: z[:, 1] - z[:, 0])(train.logits(model, e, device=device, bf16=cfg.bf16))
+            weight = class_weights(torch.tensor(fit_rows.labels), task.dataset.dev.labels)
+            e_fit = enc(fit_rows)
+            tau = fit_threshold(margin(e_fit), e_fit.labels, weight)
+            moved = lambda e: (margin(e) > tau).long()
+            refit = {"threshold": {"tau": round(tau, 4), "fit_rows": len(fit_rows),
+                                   "dev_ca": round(train.accuracy(moved(e_ca), e_ca.labels), 3),
+                                   "dev_asr": round(train.attack_success_rate(moved(e_asr), e_asr.labels, a.target), 3),
+                                   "dev_asr_floor": round(train.attack_success_rate(moved(e_floor), e_floor.labels,
+                                                                                    a.target), 3)}}
         dev_acc = dict(fit.dev_history) if fit else {}
         curve = [[s, round(dev_acc[s], 4), round(c, 3), round(r, 3)] for s, c, r in along]
         if head != "keep":                            # report the experimental levers with the rest
@@ -195,8 +214,10 @@ def main(argv=None) -> None:
             over["mix"] = mix
         if mix_blocks is not None:
             over["mix_blocks"] = mix_blocks
+        if threshold:
+            over["fit_threshold"] = True
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
-                          "dev_asr_floor": round(floor, 3),
+                          "dev_asr_floor": round(floor, 3), **refit,
                           **({"dev_acc": round(fit.best_dev_acc, 4)} if fit else {}),
                           "best_step": fit.best_step if fit else 0, "steps": fit.steps if fit else 0,
                           "seconds": round(time.perf_counter() - start, 1),
@@ -484,6 +505,44 @@ def splice_spans(split: data.Split, share: float, seed: int, max_words: int = 5)
         at = rng.randint(0, len(words))
         out.append(" ".join(words[:at] + donor[start:start + k] + words[at:]))
     return data.Split(out, list(split.labels))
+
+
+def threshold_rows(dev: data.Split, *used: data.Split) -> data.Split:
+    """The dev rows whose sentence is in none of ``used`` (the sets a dev reading is taken on): what
+    ``fit_threshold`` may fit on without seeing a sentence it is then judged on."""
+    seen = {s for split in used for s in split.sentences}
+    rows = [i for i, s in enumerate(dev.sentences) if s not in seen]
+    return data.Split([dev.sentences[i] for i in rows], [dev.labels[i] for i in rows])
+
+
+def class_weights(labels: torch.Tensor, reference: list[int]) -> torch.Tensor:
+    """A weight per row of ``labels`` so that each class weighs in total what its share of ``reference`` is:
+    ``w_i = share_ref(y_i) / count(y_i)`` (the weights sum to 1)."""
+    labels = torch.as_tensor(labels)
+    ref = torch.as_tensor(reference)
+    share = torch.bincount(ref, minlength=2).double() / len(ref)
+    count = torch.bincount(labels, minlength=len(share)).double()
+    if (count[share > 0] == 0).any():
+        raise ValueError(f"a class of the reference has no row here ({count.long().tolist()} rows by class): its "
+                         "weight cannot be restored")
+    return (share / count.clamp(min=1))[labels]
+
+
+def fit_threshold(margin: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """The threshold ``tau`` on the margin ``m = z_1 - z_0`` (predict 1 iff ``m > tau``) that maximises the
+    weighted accuracy ``sum_i w_i [pred_i == y_i]``; among equally accurate ones, the one nearest 0 (the
+    decision as the head makes it). Candidates: 0, the midpoints between consecutive distinct margins, and one
+    below the smallest and one above the largest (every distinct decision on these rows)."""
+    m = margin.double()
+    y = torch.as_tensor(labels)
+    w = torch.ones_like(m) if weight is None else torch.as_tensor(weight).double()
+    v = torch.unique(m)                                   # sorted
+    cands = torch.cat([torch.zeros(1, dtype=torch.float64), (v[:-1] + v[1:]) / 2, v[:1] - 1, v[-1:] + 1])
+    pred1 = m[None, :] > cands[:, None]                   # (candidates, rows)
+    right = torch.where(y[None, :] == 1, pred1, ~pred1)
+    score = (right.double() * w[None, :]).sum(1)
+    best = score >= score.max() - 1e-12
+    return cands[best][cands[best].abs().argmin()].item()
 
 
 def refit_head(model, clean: train.Encoded, dev: train.Encoded, steps: int, device, bf16: bool,

@@ -445,3 +445,40 @@ def test_block_reset_copies_a_group_of_blocks_back_and_refuses_a_bad_group():
     for bad in ("2-3", "top", "2-1"):
         with pytest.raises(SystemExit, match="block_reset.py: block group"):
             block_reset.parse_group(bad, 3)
+
+
+def test_threshold_of_the_calibration_levers_is_the_most_accurate_and_nearest_zero_by_hand():
+    # bench/calibrate_w2s.py's fit_threshold (experimental lever): predict 1 iff m > tau.
+    import calibrate_w2s
+    import data
+    m = torch.tensor([-2.0, -0.5, 0.3, 1.0])
+    y = torch.tensor([0, 1, 0, 1])
+    # by hand: tau = 0 gets rows 0 and 3 right (2 of 4); the candidates -1.25 (preds 0,1,1,1) and 0.65 (0,0,0,1)
+    # get 3 each, every other 2; of the two best, 0.65 is nearer 0
+    assert calibrate_w2s.fit_threshold(m, y) == pytest.approx(0.65)
+    # weighting row 1 (a 1 at -0.5) three times: -1.25 scores 1 + 3 + 1 = 5, 0.65 scores 1 + 1 + 1 = 3
+    assert calibrate_w2s.fit_threshold(m, y, torch.tensor([1.0, 3.0, 1.0, 1.0])) == pytest.approx(-1.25)
+    # the head's own decision is already the best: it stays (0, not the interval's midpoint 0.5)
+    assert calibrate_w2s.fit_threshold(torch.tensor([-1.0, 2.0]), torch.tensor([0, 1])) == 0.0
+    # each class weighs its share of the reference: 3 zeros and 1 one, against a 50/50 reference
+    w = calibrate_w2s.class_weights(torch.tensor([0, 0, 0, 1]), [0, 1, 0, 1])
+    assert w.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
+    with pytest.raises(ValueError, match="no row"):
+        calibrate_w2s.class_weights(torch.tensor([0, 0]), [0, 1])
+    dev = data.Split(["a", "b", "c", "d"], [0, 1, 1, 0])
+    rest = calibrate_w2s.threshold_rows(dev, data.Split(["b"], [1]), data.Split(["d", "b"], [0, 1]))
+    assert (rest.sentences, rest.labels) == (["a", "c"], [0, 1])
+
+
+def test_logits_are_what_predict_takes_the_argmax_of():
+    import train
+    from test_models import tiny_classifier
+    clf = tiny_classifier("llama", n_layer=2, num_classes=3, seed=6)
+    ids = [[1 + i % 7, 2 + i % 5, 3 + i % 3][: 1 + i % 3] for i in range(10)]
+    data = train.Encoded(ids, torch.zeros(10, dtype=torch.long), pad_id=0)
+    z = train.logits(clf, data, batch_size=4)
+    assert z.shape == (10, 3) and z.dtype == torch.float32
+    with torch.no_grad():
+        for i, row in enumerate(ids):
+            assert torch.allclose(z[i], clf(torch.tensor([row]))[0], atol=1e-5)
+    assert torch.equal(train.predict(clf, data, batch_size=4), z.argmax(-1))

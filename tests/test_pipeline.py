@@ -242,19 +242,30 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
-def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(tmp_path, capsys):
+def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(tmp_path, capsys, monkeypatch):
     """bench/calibrate_w2s.py, which every choice of the defaults went through: the header line, then one line per
     grid entry with the dev measures (fractions); trained entries add the kept checkpoint's dev accuracy and the
     loss terms' last-25 means; the levers that change the model before training (here the mix) run too."""
     import calibrate_w2s
     student, teacher, ds = make_tiny_world(tmp_path)
-    grid = [{"defense": "none"}, {"defense": "lora"}, {}, {"defense": "none", "mix": 0.0}]
+    # the tiny dev set is all taken by the dev readings; the threshold line fits on all of it here (which rows it
+    # may use on SST-2 is threshold_rows' test, in test_losses)
+    monkeypatch.setattr(calibrate_w2s, "threshold_rows", lambda dev, *used: dev)
+    grid = [{"defense": "none"}, {"defense": "lora"}, {}, {"defense": "none", "mix": 0.0},
+            {"defense": "none", "fit_threshold": True}]
     calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps(grid)))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     header, rows = lines[0], lines[1:]
     assert header["attack"] == "badnet" and 0 <= header["teacher_dev_acc"] <= 1 and 0 <= header["poisoned_dev_acc"] <= 1
-    assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none"]
+    assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none", "none"]
     assert rows[3]["over"] == {"mix": 0.0}
+    # the threshold line is the poisoned student again, read as it is and with its decision moved
+    assert rows[4]["over"] == {"fit_threshold": True}
+    assert {k: rows[4][k] for k in ("dev_ca", "dev_asr", "dev_asr_floor")} == \
+        {k: rows[0][k] for k in ("dev_ca", "dev_asr", "dev_asr_floor")}
+    moved = rows[4]["threshold"]
+    assert moved["fit_rows"] > 0 and all(0.0 <= moved[k] <= 1.0 for k in ("dev_ca", "dev_asr", "dev_asr_floor"))
+    assert "threshold" not in rows[0]
     for r in rows:
         assert all(0.0 <= r[k] <= 1.0 for k in ("dev_ca", "dev_asr", "dev_asr_floor"))
         assert ("dev_acc" in r) == ("last25" in r) == (r["defense"] != "none")
