@@ -86,6 +86,8 @@ def main(argv=None) -> None:
     device = w2s.pick_device(args.device)
     stages = Path(args.stages)
     task = w2s.build_task(a, eval_size, args.data_dir)
+    if task.dataset.num_classes != 2 and any(entry.get("fit_threshold") for entry in grid):
+        raise ValueError("fit_threshold fits one threshold on the margin z_1 - z_0: two classes only")
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
@@ -110,8 +112,6 @@ def main(argv=None) -> None:
         mix = over.pop("mix", None)
         mix_blocks = over.pop("mix_blocks", None)
         threshold = over.pop("fit_threshold", False)
-        if threshold and task.dataset.num_classes != 2:
-            raise ValueError("fit_threshold fits one threshold on the margin z_1 - z_0: two classes only")
         if mix_blocks is not None and mix is None:
             raise ValueError("mix_blocks sets some blocks' own mixing factor; it needs mix for the rest")
         cfg = dataclasses.replace(u, **over)
