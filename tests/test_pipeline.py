@@ -273,6 +273,22 @@ def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(t
     assert set(rows[2]["last25"]) >= {"ce", "kd", "fa"} and set(rows[1]["last25"]) >= {"ce"}
 
 
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_calibration_refuses_fit_threshold_on_three_classes_before_any_stage_trains(tmp_path):
+    """One threshold on z_1 - z_0 is a two-class lever: asked of a three-class dataset, the script says so
+    before the attack and teacher stages spend their time."""
+    import calibrate_w2s
+    student, teacher, ds = make_tiny_world(tmp_path)
+    for split in ("train", "dev", "test"):                  # the same sentences, labels 0, 1, 2
+        rows = (ds / f"{split}.tsv").read_text().splitlines()
+        relabelled = [f"{line.split(chr(9))[0]}\t{i % 3}" for i, line in enumerate(rows[1:])]
+        (ds / f"{split}.tsv").write_text("\n".join([rows[0], *relabelled]) + "\n")
+    grid = json.dumps([{"defense": "none"}, {"defense": "none", "fit_threshold": True}])
+    with pytest.raises(ValueError, match="two classes only"):
+        calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", grid))
+    assert not (tmp_path / "stages").exists() or not any((tmp_path / "stages").iterdir())
+
+
 def test_calibration_script_moves_each_lines_student_to_the_device(tmp_path, monkeypatch):
     """Each grid line loads the poisoned student afresh, on the CPU; it must then go to the run's --device (on a
     GPU, a line that skipped this stopped at its first forward: RESULTS.md, "On a GPU"). Checked by recording
