@@ -48,7 +48,12 @@ that is most accurate on the clean dev sentences no reading uses (``threshold_ro
 the whole dev set's shares, ``fit_threshold``), and reports that reading too ("threshold"), beside the line's own;
 ``"mix_blocks": {"a-b": k_g, ...}`` (with "mix") gives the blocks a to b (0-based, inclusive) their own factor k_g
 instead (``mix_by_group``; e.g. ``{"0-9": 0.0}`` sets the bottom ten blocks back to the pretrained ones and mixes
-the rest by "mix"), after bench/block_reset.py found where a trigger is carried.
+the rest by "mix"), after bench/block_reset.py found where a trigger is carried;
+``"anchor": w`` adds ``w * T^2 * KL(softmax(z_p / T) || softmax(z_s / T))`` to the loss, z_p the POISONED
+student's own logits on the same clean sentence, computed once before any mixing or LoRA (``anchored``): the
+student is held to answer the defender's clean sentences as the poisoned student did, which no trigger is in
+(learning without forgetting's idea, Li & Hoiem 2016), so that the clean fine-tune keeps the poisoned student's
+class balance while the feature term works on the rest.
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -88,6 +93,9 @@ def main(argv=None) -> None:
     task = w2s.build_task(a, eval_size, args.data_dir)
     if task.dataset.num_classes != 2 and any(entry.get("fit_threshold") for entry in grid):
         raise ValueError("fit_threshold fits one threshold on the margin z_1 - z_0: two classes only")
+    if any(entry.get("anchor") and (entry.get("defense") == "none" or "latent" in entry) for entry in grid):
+        raise ValueError("anchor adds a term to an unlearning loss of one forward pass: not with defense 'none' "
+                         "or with latent")
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
@@ -112,6 +120,7 @@ def main(argv=None) -> None:
         mix = over.pop("mix", None)
         mix_blocks = over.pop("mix_blocks", None)
         threshold = over.pop("fit_threshold", False)
+        anchor = over.pop("anchor", 0.0)
         if mix_blocks is not None and mix is None:
             raise ValueError("mix_blocks sets some blocks' own mixing factor; it needs mix for the rest")
         cfg = dataclasses.replace(u, **over)
@@ -119,6 +128,13 @@ def main(argv=None) -> None:
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
         start = time.perf_counter()
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
+        z_p = None
+        if anchor:                                    # the poisoned student's own answers, before it changes
+            anchor_rows = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
+            model.to(device)
+            z_p = train.logits(model, w2s.encode_for(model, tokenizer, anchor_rows, cfg.max_length, 0, device,
+                                                     None, cfg.bf16), device=device, bf16=cfg.bf16)
+            model.to("cpu")                           # the mixing below works beside the pretrained one on the CPU
         if mix is not None:
             mix_by_group(model.backbone, models.load_student(a.student)[0], mix, mix_blocks or {})
         if prune is not None:
@@ -165,6 +181,8 @@ def main(argv=None) -> None:
                     raise ValueError(f"latent block {latent['block']} lies in the frozen prefix (blocks 0-{frozen - 1})")
                 loss_fn = latent_adversarial(loss_fn, latent["block"], latent["eps"], latent.get("weight", al),
                                              latent.get("step", latent["eps"] / 4))
+            if anchor:
+                loss_fn = anchored(loss_fn, z_p, anchor, cfg.T)
             # Row i of the spliced set is clean sentence i with a span inserted (or unchanged): the targets
             # computed above, on the clean sentences, stay aligned by row.
             trained_on = splice_spans(clean, splice, cfg.seed) if splice else clean
@@ -216,6 +234,8 @@ def main(argv=None) -> None:
             over["mix_blocks"] = mix_blocks
         if threshold:
             over["fit_threshold"] = True
+        if anchor:
+            over["anchor"] = anchor
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3), **refit,
                           **({"dev_acc": round(fit.best_dev_acc, 4)} if fit else {}),
@@ -230,6 +250,26 @@ def last_terms(history: list[dict], n: int = 25) -> dict:
     tail = history[-n:]
     keys = [k for k in tail[0] if k != "step"] if tail else []
     return {k: sum(row[k] for row in tail) / len(tail) for k in keys}
+
+
+def anchored(loss_fn, z_p_all, weight: float, T: float = 2.0):
+    """``loss_fn`` plus ``weight * T^2 * KL(softmax(z_p / T) || softmax(z_s / T))`` (``losses.distillation_kl``
+    with the poisoned student as the target distribution), ``z_p`` the poisoned student's logits on the same row
+    (looked up by ``batch.index``) and ``z_s`` the head's output in ``loss_fn``'s own forward pass (read by a hook:
+    no second pass). Logged as "anchor"."""
+    def loss(model, batch):
+        seen = []
+        hook = model.head.register_forward_hook(lambda module, inputs, out: seen.append(out))
+        try:
+            total, terms = loss_fn(model, batch)
+        finally:
+            hook.remove()
+        if len(seen) != 1:
+            raise ValueError(f"anchor reads the head's output of one forward pass; the loss made {len(seen)}")
+        z_s = seen[0]
+        kl = losses.distillation_kl(z_s, z_p_all[batch.index.cpu()].to(z_s.device), T)
+        return total + weight * kl, {**terms, "anchor": kl.item()}
+    return loss
 
 
 def block_range(group: str, n_blocks: int) -> list[int]:

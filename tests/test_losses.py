@@ -482,3 +482,34 @@ def test_logits_are_what_predict_takes_the_argmax_of():
         for i, row in enumerate(ids):
             assert torch.allclose(z[i], clf(torch.tensor([row]))[0], atol=1e-5)
     assert torch.equal(train.predict(clf, data, batch_size=4), z.argmax(-1))
+
+
+def test_anchor_of_the_calibration_levers_by_hand():
+    # bench/calibrate_w2s.py's "anchor" (experimental lever): loss_fn's total plus w * T^2 * KL(p_p || p_s), p_p the
+    # poisoned student's softmax(z_p / T) of the same row. The head is the identity; T = 2.
+    # Row 0: z_s (0, 0) -> p_s (1/2, 1/2); z_p (2 ln 3, 0) -> p_p (3/4, 1/4);
+    #   KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812; T^2 KL = 0.523248. Row 1: z_s = z_p -> 0. Mean 0.261624.
+    import math
+    from types import SimpleNamespace
+    import calibrate_w2s
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    model = SimpleNamespace(head=head)
+    h = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+
+    def inner(model, batch):                                         # a loss of one forward pass through the head
+        model.head(h)
+        return torch.tensor(0.25), {"ce": 0.25}
+
+    z_p_all = torch.tensor([[1.0, -1.0], [2 * math.log(3), 0.0]])      # looked up by row: batch rows are 1, 0
+    batch = SimpleNamespace(index=torch.tensor([1, 0]))
+    total, terms = calibrate_w2s.anchored(inner, z_p_all, weight=2.0, T=2.0)(model, batch)
+    expect = (0.75 * math.log(1.5) + 0.25 * math.log(0.5)) * 4 / 2
+    assert terms["anchor"] == pytest.approx(expect, abs=1e-6) and terms["ce"] == 0.25
+    assert total.item() == pytest.approx(0.25 + 2.0 * expect, abs=1e-6)
+    assert not head._forward_hooks                                   # the hook is removed after each call
+    twice = lambda model, batch: (model.head(h).sum() + model.head(h).sum(), {})
+    with pytest.raises(ValueError, match="one forward pass"):
+        calibrate_w2s.anchored(twice, z_p_all, weight=1.0)(model, batch)

@@ -252,13 +252,14 @@ def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(t
     # may use on SST-2 is threshold_rows' test, in test_losses)
     monkeypatch.setattr(calibrate_w2s, "threshold_rows", lambda dev, *used: dev)
     grid = [{"defense": "none"}, {"defense": "lora"}, {}, {"defense": "none", "mix": 0.0},
-            {"defense": "none", "fit_threshold": True}]
+            {"defense": "none", "fit_threshold": True}, {"mix": 0.0, "anchor": 1.0}]
     calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps(grid)))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     header, rows = lines[0], lines[1:]
     assert header["attack"] == "badnet" and 0 <= header["teacher_dev_acc"] <= 1 and 0 <= header["poisoned_dev_acc"] <= 1
-    assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none", "none"]
+    assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none", "none", "w2sdefense"]
     assert rows[3]["over"] == {"mix": 0.0}
+    assert rows[5]["over"] == {"mix": 0.0, "anchor": 1.0} and rows[5]["last25"]["anchor"] >= 0.0
     # the threshold line is the poisoned student again, read as it is and with its decision moved
     assert rows[4]["over"] == {"fit_threshold": True}
     assert {k: rows[4][k] for k in ("dev_ca", "dev_asr", "dev_asr_floor")} == \
@@ -286,6 +287,18 @@ def test_calibration_refuses_fit_threshold_on_three_classes_before_any_stage_tra
     grid = json.dumps([{"defense": "none"}, {"defense": "none", "fit_threshold": True}])
     with pytest.raises(ValueError, match="two classes only"):
         calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", grid))
+    assert not (tmp_path / "stages").exists() or not any((tmp_path / "stages").iterdir())
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+@pytest.mark.parametrize("entry", [{"defense": "none", "anchor": 1.0}, {"anchor": 1.0, "latent": {"block": 1, "eps": 1}}])
+def test_calibration_refuses_an_anchor_without_one_unlearning_pass_before_any_stage_trains(tmp_path, entry):
+    """The anchor adds a term to the unlearning loss, read off its one forward pass: with no unlearning, or with
+    the latent perturbation's second pass, the script says so before the attack and teacher stages train."""
+    import calibrate_w2s
+    student, teacher, ds = make_tiny_world(tmp_path)
+    with pytest.raises(ValueError, match="anchor adds a term"):
+        calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps([{}, entry])))
     assert not (tmp_path / "stages").exists() or not any((tmp_path / "stages").iterdir())
 
 
