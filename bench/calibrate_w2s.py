@@ -52,8 +52,8 @@ the rest by "mix"), after bench/block_reset.py found where a trigger is carried;
 ``"anchor": w`` adds ``w * T^2 * KL(softmax(z_p / T) || softmax(z_s / T))`` to the loss, z_p the POISONED
 student's own logits on the same clean sentence, computed once before any mixing or LoRA (``anchored``): the
 student is held to answer the defender's clean sentences as the poisoned student did, which no trigger is in
-(learning without forgetting's idea, Li & Hoiem 2016), so that the clean fine-tune keeps the poisoned student's
-class balance while the feature term works on the rest.
+(learning without forgetting's idea, Li & Hoiem 2016), meant to keep the poisoned student's class balance
+through the clean fine-tune (screened with mix-w2s's line at w = 5, it did not: bench/calibration/README.md).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
