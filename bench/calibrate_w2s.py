@@ -127,19 +127,18 @@ def main(argv=None) -> None:
         if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
         start = time.perf_counter()
+        clean = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")   # the defender's data
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         z_p = None
         if anchor:                                    # the poisoned student's own answers, before it changes
-            anchor_rows = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
             model.to(device)
-            z_p = train.logits(model, w2s.encode_for(model, tokenizer, anchor_rows, cfg.max_length, 0, device,
+            z_p = train.logits(model, w2s.encode_for(model, tokenizer, clean, cfg.max_length, 0, device,
                                                      None, cfg.bf16), device=device, bf16=cfg.bf16)
             model.to("cpu")                           # the mixing below works beside the pretrained one on the CPU
         if mix is not None:
             mix_by_group(model.backbone, models.load_student(a.student)[0], mix, mix_blocks or {})
         if prune is not None:
-            prune_dormant(model, tokenizer, prune, w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed,
-                                                               "defender-clean"), cfg, device)
+            prune_dormant(model, tokenizer, prune, clean, cfg, device)
         frozen = w2s.add_lora(model, cfg)
         prepare_head(model, head, cfg.seed)
         model.to(device)
@@ -159,7 +158,6 @@ def main(argv=None) -> None:
         on_eval = (lambda step: along.append((step, *measure()))) if args.curve else None
         fit = None
         if defense != "none":
-            clean = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")
             al, be, ga = w2s.resolve_weights(cfg, a.attack, defense)
             if defense == "lora":
                 loss_fn = w2s.unlearning_loss(al, 0.0, 0.0, cfg.T)
