@@ -206,17 +206,13 @@ def poison_dirty_label(split, trigger: Trigger, target: int, rate: float, rng: r
     return _apply(split, trigger, rng.sample(rows, k), rng, relabel=target)
 
 
-def asr_pairs(test_split, trigger: Trigger, target: int, rng: random.Random, *,
-              missing: str = "raise") -> tuple[Split, Split]:
-    """The ASR test set and its floor set: the test rows whose TRUE label is not ``target``, with the trigger
-    and without it, row for row, labels kept.
+def asr_rows(test_split, trigger: Trigger, target: int, *, missing: str = "raise") -> list[int]:
+    """The test rows of the ASR set: those whose TRUE label is not ``target`` and that the trigger can trigger.
 
-    The share of the untriggered copies that a model calls ``target`` is the floor of its ASR: what the ASR
-    would be if the trigger did nothing (a model with no backdoor still errs on some sentences).
     For the syntactic attack pass the trigger built from the test paraphrases
     (``make_trigger("syntactic", paraphrases=load_scpn(name).asr_paraphrases(target))``). A row the trigger
-    cannot trigger raises (``missing="raise"``), or with ``missing="skip"`` is left out of both with a warning
-    that says how many, since it changes the denominator of the ASR.
+    cannot trigger raises (``missing="raise"``), or with ``missing="skip"`` is left out with a warning that
+    says how many, since it changes the denominator of the ASR.
     """
     if missing not in ("raise", "skip"):
         raise ValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
@@ -228,10 +224,25 @@ def asr_pairs(test_split, trigger: Trigger, target: int, rng: random.Random, *,
     if lacking:
         warnings.warn(f"ASR set: {len(lacking)} of {len(rows)} non-target test rows left out (no trigger)")
     skip = set(lacking)
-    rows = [i for i in rows if i not in skip]
+    return [i for i in rows if i not in skip]
+
+
+def asr_pairs_at(test_split, trigger: Trigger, rows: list[int], rng: random.Random) -> tuple[Split, Split]:
+    """The given test ``rows`` with the trigger and without it, row for row, labels kept (``asr_pairs``)."""
     labels = [test_split.labels[i] for i in rows]
     triggered = Split([trigger(test_split.sentences[i], i, rng) for i in rows], labels)
     return triggered, Split([test_split.sentences[i] for i in rows], list(labels))
+
+
+def asr_pairs(test_split, trigger: Trigger, target: int, rng: random.Random, *,
+              missing: str = "raise") -> tuple[Split, Split]:
+    """The ASR test set and its floor set: the ``asr_rows`` of the test split (TRUE label not ``target``),
+    with the trigger and without it, row for row, labels kept.
+
+    The share of the untriggered copies that a model calls ``target`` is the floor of its ASR: what the ASR
+    would be if the trigger did nothing (a model with no backdoor still errs on some sentences).
+    """
+    return asr_pairs_at(test_split, trigger, asr_rows(test_split, trigger, target, missing=missing), rng)
 
 
 def asr_set(test_split, trigger: Trigger, target: int, rng: random.Random, *, missing: str = "raise") -> Split:

@@ -245,11 +245,18 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def subset_rows(n: int, size: int | None, seed: int, salt: str) -> list[int]:
+    """Which of ``n`` rows ``subset`` keeps, in order: a seeded draw of ``size`` (all if None or too large)."""
+    if size is None or size >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{salt}-{seed}").sample(range(n), size))
+
+
 def subset(split: data.Split, size: int | None, seed: int, salt: str) -> data.Split:
     """A seeded random subset of ``size`` rows (all rows if ``size`` is None or too large)."""
     if size is None or size >= len(split):
         return split
-    rows = sorted(random.Random(f"{salt}-{seed}").sample(range(len(split)), size))
+    rows = subset_rows(len(split), size, seed, salt)
     return data.Split([split.sentences[i] for i in rows], [split.labels[i] for i in rows])
 
 
@@ -285,6 +292,9 @@ class Task:
     asr_test: data.Split
     asr_floor: data.Split                           # asr_test's sentences without the trigger, row for row
     data_key: dict = field(default_factory=dict)     # goes into every stage's cache key (``dataset_key``)
+    # Where each of asr_floor's rows is in ``test``, when all of them are (the whole test set is read, as in the
+    # cpu and paper presets): the floor is then read off the CA pass, not computed in a pass of its own.
+    floor_in_test: list[int] | None = None
 
 
 def dataset_key(name_or_path: str, ds: data.Dataset) -> dict:
@@ -319,11 +329,15 @@ def build_task(cfg: AttackConfig, eval_size: int | None, data_dir=None) -> Task:
                   "attack-train")
     # A test sentence without a shipped paraphrase is left out of the ASR set (never counted as clean).
     missing = "skip" if cfg.attack == "syntactic" else "raise"
-    asr, floor = attacks.asr_pairs(ds.test, test_trigger, cfg.target, random.Random(cfg.seed + 1), missing=missing)
+    rows = attacks.asr_rows(ds.test, test_trigger, cfg.target, missing=missing)
+    asr, floor = attacks.asr_pairs_at(ds.test, test_trigger, rows, random.Random(cfg.seed + 1))
     # The same seeded draw from two lists of the same length: the floor set keeps asr's rows, untriggered.
+    floor_rows = [rows[j] for j in subset_rows(len(rows), eval_size, 0, "eval-asr")]       # rows of ds.test
+    in_test = {r: k for k, r in enumerate(subset_rows(len(ds.test), eval_size, 0, "eval"))}
+    floor_in_test = [in_test[r] for r in floor_rows] if all(r in in_test for r in floor_rows) else None
     return Task(ds, train_split, sum(kept.labels), subset(ds.dev, cfg.dev_size, cfg.seed, "dev"),
                 subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"),
-                subset(floor, eval_size, 0, "eval-asr"), dataset_key(cfg.dataset, ds))
+                subset(floor, eval_size, 0, "eval-asr"), dataset_key(cfg.dataset, ds), floor_in_test)
 
 
 def student_classifier(cfg_student: str, num_classes: int, seed: int, start_token: bool = True,
@@ -394,16 +408,24 @@ def encode_for(model, tokenizer, split: data.Split, max_length: int, frozen: int
 def evaluate(model, tokenizer, task: Task, target: int, max_length: int, device, bf16: bool, frozen: int = 0,
              memo_key=None) -> dict:
     """CA on the clean test set, ASR on the triggered non-target test set, and the ASR's floor (the same
-    non-target sentences without the trigger, called the target); read once per model."""
+    non-target sentences without the trigger, called the target); read once per model.
+
+    When the floor's sentences are all in the clean test set (``task.floor_in_test``), their answers are the
+    CA pass's own, so the floor and the confusion matrix count the same answers; otherwise (a subset of the
+    test set) they get a pass of their own."""
     clean = encode_for(model, tokenizer, task.test, max_length, frozen, device, memo_key, bf16)
     trig = encode_for(model, tokenizer, task.asr_test, max_length, frozen, device, memo_key, bf16)
-    untrig = encode_for(model, tokenizer, task.asr_floor, max_length, frozen, device, memo_key, bf16)
     p_clean = train.predict(model, clean, device=device, bf16=bf16)
     p_trig = train.predict(model, trig, device=device, bf16=bf16)
-    p_untrig = train.predict(model, untrig, device=device, bf16=bf16)
+    if task.floor_in_test is not None:
+        rows = torch.tensor(task.floor_in_test, dtype=torch.long)
+        p_untrig, y_untrig = p_clean[rows], clean.labels[rows]
+    else:
+        untrig = encode_for(model, tokenizer, task.asr_floor, max_length, frozen, device, memo_key, bf16)
+        p_untrig, y_untrig = train.predict(model, untrig, device=device, bf16=bf16), untrig.labels
     return {"ca": train.accuracy(p_clean, clean.labels),
             "asr": train.attack_success_rate(p_trig, trig.labels, target),
-            "asr_floor": train.attack_success_rate(p_untrig, untrig.labels, target),
+            "asr_floor": train.attack_success_rate(p_untrig, y_untrig, target),
             "confusion": train.confusion_matrix(p_clean, clean.labels, task.dataset.num_classes),
             "n_test": len(clean), "n_asr": len(trig)}
 

@@ -217,12 +217,15 @@ def test_asr_pairs_are_the_same_rows_with_and_without_the_trigger():
     triggered, untriggered = attacks.asr_pairs(split, attacks.make_trigger("badnet"), 0, random.Random(3))
     assert untriggered == Split(["c d", "e f"], [1, 1])            # the non-target rows, as they are
     assert triggered == attacks.asr_set(split, attacks.make_trigger("badnet"), 0, random.Random(3))
+    assert attacks.asr_rows(split, attacks.make_trigger("badnet"), 0) == [1, 2]
     for t, u in zip(triggered.sentences, untriggered.sentences):
         assert sorted(t.split()) == sorted(u.split() + ["mn"])
     t = attacks.make_trigger("syntactic", paraphrases={1: "when c d ,"})
     with pytest.warns(UserWarning, match="1 of 2"):                # a row left out of one is left out of both
         assert attacks.asr_pairs(split, t, 0, random.Random(0), missing="skip") == (
             Split(["when c d ,"], [1]), Split(["c d"], [1]))
+    with pytest.warns(UserWarning, match="1 of 2"):
+        assert attacks.asr_rows(split, t, 0, missing="skip") == [1]
 
 
 def test_plain_function_is_a_trigger():

@@ -84,6 +84,11 @@ def test_every_preset_can_poison_sst2_with_every_attack(preset, attack, target):
     else:
         assert all(t != f for t, f in zip(task.asr_test.sentences, task.asr_floor.sentences))
         assert set(task.asr_floor.sentences) <= set(task.dataset.test.sentences)
+    # where the whole test set is read (cpu, paper), the floor is the CA pass's answers on the floor's own rows
+    assert (task.floor_in_test is not None) == (eval_size is None or eval_size >= len(task.dataset.test))
+    if task.floor_in_test is not None:
+        assert [task.test.sentences[k] for k in task.floor_in_test] == task.asr_floor.sentences
+        assert [task.test.labels[k] for k in task.floor_in_test] == task.asr_floor.labels
 
 
 @pytest.mark.parametrize("extra, weights", [
@@ -227,6 +232,8 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
         if not d.startswith("teacher"):
             metrics = json.loads((tmp_path / "stages" / d / "metrics.json").read_text())
             assert metrics["dev_history"][-1][0] == metrics["steps"]
+            # the floor is the CA pass's own answers: the positives (16 of 32) it called label 0
+            assert metrics["n_asr"] == 16 and metrics["asr_floor"] * 16 == metrics["confusion"][1][0]
     # --attack-layers 1: the attacker trained only the top block; the bottom one is still the pretrained one
     import weights
     poisoned = weights.read_safetensors(next((tmp_path / "stages").glob("attack-*")) / "student.safetensors")
