@@ -780,10 +780,12 @@ def check_student(a: AttackConfig, u: UnlearnConfig) -> None:
 
 
 def row_metrics(metrics: dict) -> dict:
-    """A stage's numbers for its row of the table. A stage cached before the ASR's floor was measured
-    (2026-12-05) has none: its floor is None, printed as "-"."""
+    """A stage's numbers for its row of the table, with the number of sentences each fraction counts
+    (``n_test`` for CA; ``n_asr`` for the ASR and its floor), so that a reader can turn a fraction back into
+    sentences. A stage cached before the ASR's floor was measured (2026-12-05) has none: its floor is None,
+    printed as "-"."""
     return {"ca": metrics["ca"], "asr": metrics["asr"], "asr_floor": metrics.get("asr_floor"),
-            "seconds": metrics["seconds"]}
+            "n_test": metrics.get("n_test"), "n_asr": metrics.get("n_asr"), "seconds": metrics["seconds"]}
 
 
 FLOOR_LEGEND = ("floor: the ASR's sentences without their trigger, called the target "

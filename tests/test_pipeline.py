@@ -217,6 +217,7 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     assert set(rows) == {"poisoned", "lora", "w2sdefense"}
     for r in rows.values():
         assert 0.0 <= r["ca"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 and 0.0 <= r["asr_floor"] <= 1.0
+        assert (r["n_test"], r["n_asr"]) == (32, 16)      # what each fraction counts: 32 test rows, 16 positives
     assert rows["poisoned"]["asr"] >= 0.9          # the tiny model learns the trigger "mn" -> label 0
     assert rows["poisoned"]["asr_floor"] < rows["poisoned"]["asr"]    # ... the trigger, not a bias toward label 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
