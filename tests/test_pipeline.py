@@ -680,3 +680,22 @@ def test_screen_gate_means_by_hand(tmp_path):
     files[1].write_text(files[1].read_text() + "{not json\n")
     with pytest.raises(SystemExit, match="s1.jsonl, line 4"):
         screen_gate.student([files[1]])
+
+
+def test_floor_split_by_hand():
+    # bench/floor_split.py: of 20 sentences, a defended model calls 5 with the trigger and 2 without it the target;
+    # a clean model 4 and 1. Gap 5 - 4 = 1 = raised floor (2 - 1 = 1) + beyond ((5 - 2) - (4 - 1) = 0).
+    import floor_split
+    assert floor_split.split(5, 2, 4, 1) == {"gap": 1, "raised_floor": 1, "beyond": 0}
+    assert floor_split.split(9, 2, 4, 1) == {"gap": 5, "raised_floor": 1, "beyond": 4}
+    row = {"model": "mix-w2s", "asr": 0.25, "asr_floor": 0.1}
+    assert floor_split.counts(row, 20) == (5, 2, 20)
+    assert floor_split.counts(dict(row, n_asr=40), 20) == (10, 4, 40)       # the row's own n_asr comes first
+    with pytest.raises(SystemExit, match="not a count of 30"):
+        floor_split.counts(row, 30)                                          # 0.25 * 30 = 7.5 sentences
+    with pytest.raises(SystemExit, match="give --n-asr"):
+        floor_split.counts(row, None)
+    clean = {"rows": [{"model": "clean", "asr": 0.2, "asr_floor": 0.05}]}
+    lines = floor_split.table({"rows": [row]}, clean, 20).splitlines()
+    assert lines[0] == "clean model: ASR 0.200 (4), floor 0.050 (1) of 20"
+    assert lines[-1] == "| mix-w2s | 0.250 (5) | 0.100 (2) | 0.050 (1) | 0.050 (1) | 0.000 (0) |"
