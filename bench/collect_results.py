@@ -3,7 +3,8 @@
     .venv/bin/python bench/collect_results.py runs/badnet-sst2-cpu-seed0 runs/badnet-sst2-cpu-seed1 ...
 
 One row per run folder (its seed, CA / ASR of every model it reports, the teacher's CA, its wall seconds), then
-a row of mean ± std (sample standard deviation) over them. A model whose every run reports the ASR's floor (runs
+a row of mean ± std (sample standard deviation) over them, and each model's mean change in clean accuracy from
+its run's poisoned student, in points. A model whose every run reports the ASR's floor (runs
 from 2026-12-05 on) gets CA / ASR / floor. RESULTS.md's tables are printed by this script.
 """
 
@@ -55,11 +56,27 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ca_change(results: list[dict]) -> str:
+    """Each model's clean accuracy minus its run's poisoned student's, in points, averaged over the runs that have
+    both (the "CA change" of RESULTS.md's At a glance); empty when no run has a poisoned row."""
+    models = list(dict.fromkeys(r["model"] for res in results for r in res["rows"] if r["model"] != "poisoned"))
+    parts = []
+    for m in models:
+        diffs = [100 * (rows[m]["ca"] - rows["poisoned"]["ca"]) for rows in
+                 ({r["model"]: r for r in res["rows"]} for res in results) if m in rows and "poisoned" in rows]
+        if diffs:
+            parts.append(f"{m} {statistics.mean(diffs):+.1f}")
+    return "CA change from the poisoned student, mean in points: " + ", ".join(parts) if parts else ""
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders, each holding a results.json")
     args = p.parse_args(argv)
-    print(table([load(f) for f in args.runs]))
+    results = [load(f) for f in args.runs]
+    print(table(results))
+    if change := ca_change(results):
+        print("\n" + change)
 
 
 if __name__ == "__main__":

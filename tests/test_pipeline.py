@@ -626,6 +626,11 @@ def test_collect_results_mean_and_sample_std_by_hand():
     assert lines[-1] == "| mean ± std | 0.900 ± 0.000 / 0.200 ± 0.141 / 0.100 ± 0.071 | 0.880 ± 0.000 |  |"
     runs[1]["rows"][0]["asr_floor"] = None              # a run cached before the floor: no floor column
     assert collect_results.table(runs).splitlines()[0] == "| seed | w2sdefense CA / ASR | teacher CA | wall s |"
+    # CA change from the poisoned student, in points: (0.90 - 0.92) and (0.90 - 0.89) -> -2.0 and +1.0, mean -0.5
+    assert collect_results.ca_change(runs) == ""                      # no poisoned row, nothing to compare
+    for run, ca in zip(runs, (0.92, 0.89)):
+        run["rows"].insert(0, {"model": "poisoned", "ca": ca, "asr": 1.0})
+    assert collect_results.ca_change(runs) == "CA change from the poisoned student, mean in points: w2sdefense -0.5"
 
 
 def test_screen_gate_means_by_hand(tmp_path):
