@@ -53,13 +53,20 @@ the rest by "mix"), after bench/block_reset.py found where a trigger is carried;
 student's own logits on the same clean sentence, computed once before any mixing or LoRA (``anchored``): the
 student is held to answer the defender's clean sentences as the poisoned student did, which no trigger is in
 (learning without forgetting's idea, Li & Hoiem 2016), meant to keep the poisoned student's class balance
-through the clean fine-tune (screened with mix-w2s's line at w = 5, it did not: bench/calibration/README.md).
+through the clean fine-tune (screened with mix-w2s's line at w = 5, it did not: bench/calibration/README.md);
+``"fst": w`` is Feature Shift Tuning's idea (Min et al., 2023): the head is re-initialised (seeded, as "fresh"),
+and ``w * <D(W), D(W_p)> / ||D(W_p)||^2`` is added to the loss, W the head's weights, W_p the POISONED head's and
+D the rows less their mean row (``head_directions``: the part of the head that the softmax reads), while after
+every optimizer step D(W) is scaled back into the ball of D(W_p)'s norm (``project_head``), so that the term can
+only fall by turning the head away from the poisoned one's decision directions (``feature_shift``): the clean
+sentences must then be separated along other directions of the feature than the one the trigger pushes along.
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
 can be compared on dev without retraining.
 """
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -68,6 +75,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -96,6 +104,9 @@ def main(argv=None) -> None:
     if any(entry.get("anchor") and (entry.get("defense") == "none" or "latent" in entry) for entry in grid):
         raise ValueError("anchor adds a term to an unlearning loss of one forward pass: not with defense 'none' "
                          "or with latent")
+    if any(entry.get("fst") and ("head" in entry or entry.get("defense") == "none") for entry in grid):
+        raise ValueError("fst re-initialises the head and trains it away from the poisoned one: not with 'head' "
+                         "or with defense 'none'")
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
     dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
@@ -121,6 +132,7 @@ def main(argv=None) -> None:
         mix_blocks = over.pop("mix_blocks", None)
         threshold = over.pop("fit_threshold", False)
         anchor = over.pop("anchor", 0.0)
+        fst = over.pop("fst", 0.0)
         if mix_blocks is not None and mix is None:
             raise ValueError("mix_blocks sets some blocks' own mixing factor; it needs mix for the rest")
         cfg = dataclasses.replace(u, **over)
@@ -140,7 +152,8 @@ def main(argv=None) -> None:
         if prune is not None:
             prune_dormant(model, tokenizer, prune, clean, cfg, device)
         frozen = w2s.add_lora(model, cfg)
-        prepare_head(model, head, cfg.seed)
+        w_p = model.head.weight.detach().clone()      # the poisoned head, before any lever changes it
+        prepare_head(model, "fresh" if fst else head, cfg.seed)
         model.to(device)
         memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
         if mix is not None:                 # mixed bottom blocks are nobody else's: no sharing of their states
@@ -181,11 +194,14 @@ def main(argv=None) -> None:
                                              latent.get("step", latent["eps"] / 4))
             if anchor:
                 loss_fn = anchored(loss_fn, z_p, anchor, cfg.T)
+            if fst:
+                loss_fn = feature_shift(loss_fn, w_p.to(device), fst)
             # Row i of the spliced set is clean sentence i with a span inserted (or unchanged): the targets
             # computed above, on the clean sentences, stay aligned by row.
             trained_on = splice_spans(clean, splice, cfg.seed) if splice else clean
-            fit = train.fit(model, enc(trained_on), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
-                            device=device, progress=False, on_eval=on_eval)
+            with projected_head(model.head, w_p.to(device), enabled=bool(fst)):
+                fit = train.fit(model, enc(trained_on), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0),
+                                loss_fn=loss_fn, device=device, progress=False, on_eval=on_eval)
             if head_refit:
                 refit_head(model, enc(clean), enc(task.dev), head_refit, device, cfg.bf16)
         ca, asr = measure()
@@ -234,6 +250,8 @@ def main(argv=None) -> None:
             over["fit_threshold"] = True
         if anchor:
             over["anchor"] = anchor
+        if fst:
+            over["fst"] = fst
         print(json.dumps({"defense": defense, "over": over, "dev_ca": round(ca, 3), "dev_asr": round(asr, 3),
                           "dev_asr_floor": round(floor, 3), **refit,
                           **({"dev_acc": round(fit.best_dev_acc, 4)} if fit else {}),
@@ -268,6 +286,61 @@ def anchored(loss_fn, z_p_all, weight: float, T: float = 2.0):
         kl = losses.distillation_kl(z_s, z_p_all[batch.index.cpu()].to(z_s.device), T)
         return total + weight * kl, {**terms, "anchor": kl.item()}
     return loss
+
+
+def head_directions(w: torch.Tensor) -> torch.Tensor:
+    """A linear head's rows less their mean row, ``D(W) = W - mean_c W_c``: adding one vector to every row adds
+    the same number to every logit and changes no probability, so D(W) is all of the head that the softmax reads
+    (for two classes, plus and minus half of ``W_1 - W_0``)."""
+    return w - w.mean(dim=0, keepdim=True)
+
+
+def fst_penalty(w: torch.Tensor, w_p: torch.Tensor) -> torch.Tensor:
+    """Feature Shift Tuning's term (Min et al., 2023) on the decision directions: ``<D(W), D(W_p)> / ||D(W_p)||^2``
+    (Frobenius inner product and norm), W the head being trained and W_p the poisoned one. Within the ball
+    ``||D(W)|| <= ||D(W_p)||`` (``project_head``) it lies in [-1, 1]: 1 for the poisoned head, 0 for a head whose
+    directions are orthogonal to it. FST's own term is ``<W, W_p>`` with ``||W|| <= ||W_p||``; we take the
+    directions because the rows' common part decides nothing, and we divide so the weight does not depend on the
+    head's scale."""
+    d_p = head_directions(w_p)
+    return (head_directions(w) * d_p).sum() / d_p.pow(2).sum()
+
+
+def project_head(w: torch.Tensor, w_p: torch.Tensor) -> None:
+    """In place: if ``||D(W)|| > ||D(W_p)||``, scale D(W) down to that norm and keep the mean row
+    (FST's constraint ``||W|| <= ||W_p||``, on the directions as ``fst_penalty`` reads them)."""
+    with torch.no_grad():
+        d = head_directions(w)
+        n, c = d.norm(), head_directions(w_p).norm()
+        if n > c:
+            w.sub_(d * (1.0 - c / n))
+
+
+def feature_shift(loss_fn, w_p: torch.Tensor, weight: float):
+    """``loss_fn`` plus ``weight * fst_penalty(head, W_p)``, logged as "fst". The head must have been
+    re-initialised, and ``projected_head`` must hold it in the ball while training."""
+    def loss(model, batch):
+        total, terms = loss_fn(model, batch)
+        p = fst_penalty(model.head.weight, w_p)
+        return total + weight * p, {**terms, "fst": p.item()}
+    return loss
+
+
+@contextlib.contextmanager
+def projected_head(head, w_p: torch.Tensor, enabled: bool = True):
+    """While open, every optimizer step is followed by ``project_head(head.weight, w_p)`` (a step hook on every
+    optimizer: train.fit makes its own), so each clean-dev evaluation and each kept checkpoint sees a head in
+    the ball."""
+    if not enabled:
+        yield
+        return
+    handle = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: project_head(head.weight, w_p))
+    try:
+        project_head(head.weight, w_p)
+        yield
+    finally:
+        handle.remove()
 
 
 def block_range(group: str, n_blocks: int) -> list[int]:

@@ -513,3 +513,54 @@ def test_anchor_of_the_calibration_levers_by_hand():
     twice = lambda model, batch: (model.head(h).sum() + model.head(h).sum(), {})
     with pytest.raises(ValueError, match="one forward pass"):
         calibrate_w2s.anchored(twice, z_p_all, weight=1.0)(model, batch)
+
+
+def test_feature_shift_of_the_calibration_levers_by_hand():
+    # bench/calibrate_w2s.py's "fst" (experimental lever). W_p = [[1, 0], [-1, 2]]: mean row (0, 1),
+    # D(W_p) = [[1, -1], [-1, 1]], ||D(W_p)||^2 = 4. W = [[2, 1], [0, 1]]: mean row (1, 1), D(W) = [[1, 0], [-1, 0]],
+    # <D(W), D(W_p)> = 1 + 1 = 2, so the term is 2 / 4 = 0.5; the poisoned head itself gives 1, -W_p gives -1.
+    from types import SimpleNamespace
+    import calibrate_w2s
+    w_p = torch.tensor([[1.0, 0.0], [-1.0, 2.0]])
+    w = torch.tensor([[2.0, 1.0], [0.0, 1.0]])
+    assert torch.equal(calibrate_w2s.head_directions(w_p), torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+    assert calibrate_w2s.fst_penalty(w, w_p).item() == pytest.approx(0.5)
+    assert calibrate_w2s.fst_penalty(w_p, w_p).item() == pytest.approx(1.0)
+    assert calibrate_w2s.fst_penalty(-w_p, w_p).item() == pytest.approx(-1.0)
+    # the projection: ||D(W)|| = sqrt(2) <= 2, left as it is; W = [[4, 0], [0, 0]]: mean row (2, 0),
+    # D = [[2, 0], [-2, 0]], norm sqrt(8) > 2, scaled by 2 / sqrt(8) to [[sqrt 2, 0], [-sqrt 2, 0]], mean row kept:
+    # [[2 + sqrt 2, 0], [2 - sqrt 2, 0]]
+    inside = w.clone()
+    calibrate_w2s.project_head(inside, w_p)
+    assert torch.equal(inside, w)
+    outside = torch.tensor([[4.0, 0.0], [0.0, 0.0]])
+    calibrate_w2s.project_head(outside, w_p)
+    r2 = 2 ** 0.5
+    assert torch.allclose(outside, torch.tensor([[2 + r2, 0.0], [2 - r2, 0.0]]))
+    # the loss: loss_fn's total plus weight * term, logged as "fst"
+    model = SimpleNamespace(head=SimpleNamespace(weight=w))
+    total, terms = calibrate_w2s.feature_shift(lambda m, b: (torch.tensor(0.25), {"ce": 0.25}), w_p, 2.0)(model, None)
+    assert total.item() == pytest.approx(0.25 + 2.0 * 0.5) and terms == {"ce": 0.25, "fst": pytest.approx(0.5)}
+
+
+def test_feature_shift_holds_the_head_in_the_ball_after_every_step_and_only_while_open():
+    # projected_head hooks every optimizer's step (train.fit makes its own fused AdamW): a step that throws the
+    # head out of the ball ||D(W)|| <= ||D(W_p)|| is followed by the projection; once closed, nothing is hooked.
+    import calibrate_w2s
+    import train
+    head = torch.nn.Linear(3, 2, bias=False)
+    w_p = torch.tensor([[0.1, 0.0, 0.0], [-0.1, 0.0, 0.0]])                     # ||D(W_p)|| = sqrt(0.02)
+    limit = calibrate_w2s.head_directions(w_p).norm().item()
+    with torch.no_grad():
+        head.weight.copy_(torch.zeros(2, 3))
+    opt = train.make_optimizer(list(head.parameters()), lr=1.0, weight_decay=0.0, device="cpu")
+
+    def step():
+        opt.zero_grad()
+        (head.weight * torch.tensor([[1.0, -2.0, 3.0], [-1.0, 2.0, -3.0]])).sum().backward()
+        opt.step()
+    with calibrate_w2s.projected_head(head, w_p):
+        step()                                      # Adam's first step moves each weight by lr = 1: far outside
+        assert calibrate_w2s.head_directions(head.weight).norm().item() == pytest.approx(limit, rel=1e-5)
+    step()
+    assert calibrate_w2s.head_directions(head.weight).norm().item() > 10 * limit
