@@ -59,7 +59,8 @@ and ``w * <D(W), D(W_p)> / ||D(W_p)||^2`` is added to the loss, W the head's wei
 D the rows less their mean row (``head_directions``: the part of the head that the softmax reads), while after
 every optimizer step D(W) is scaled back into the ball of D(W_p)'s norm (``project_head``), so that the term can
 only fall by turning the head away from the poisoned one's decision directions (``feature_shift``): the clean
-sentences must then be separated along other directions of the feature than the one the trigger pushes along.
+sentences must then be separated along other directions of the feature than the poisoned head's (FST's bet: the
+trigger pushes along those; screened at w = 5, it failed its gate: bench/calibration/README.md).
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -299,7 +300,7 @@ def fst_penalty(w: torch.Tensor, w_p: torch.Tensor) -> torch.Tensor:
     """Feature Shift Tuning's term (Min et al., 2023) on the decision directions: ``<D(W), D(W_p)> / ||D(W_p)||^2``
     (Frobenius inner product and norm), W the head being trained and W_p the poisoned one. Within the ball
     ``||D(W)|| <= ||D(W_p)||`` (``project_head``) it lies in [-1, 1]: 1 for the poisoned head, 0 for a head whose
-    directions are orthogonal to it. FST's own term is ``<W, W_p>`` with ``||W|| <= ||W_p||``; we take the
+    directions are orthogonal to it. FST's own term is ``<W, W_p>``, under a bound on W's norm; we take the
     directions because the rows' common part decides nothing, and we divide so the weight does not depend on the
     head's scale."""
     d_p = head_directions(w_p)
@@ -308,7 +309,7 @@ def fst_penalty(w: torch.Tensor, w_p: torch.Tensor) -> torch.Tensor:
 
 def project_head(w: torch.Tensor, w_p: torch.Tensor) -> None:
     """In place: if ``||D(W)|| > ||D(W_p)||``, scale D(W) down to that norm and keep the mean row
-    (FST's constraint ``||W|| <= ||W_p||``, on the directions as ``fst_penalty`` reads them)."""
+    (FST bounds the head's norm; ours is that bound, on the directions as ``fst_penalty`` reads them)."""
     with torch.no_grad():
         d = head_directions(w)
         n, c = d.norm(), head_directions(w_p).norm()
