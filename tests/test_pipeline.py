@@ -260,12 +260,15 @@ def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(t
     # may use on SST-2 is threshold_rows' test, in test_losses)
     monkeypatch.setattr(calibrate_w2s, "threshold_rows", lambda dev, *used: dev)
     grid = [{"defense": "none"}, {"defense": "lora"}, {}, {"defense": "none", "mix": 0.0},
-            {"defense": "none", "fit_threshold": True}, {"mix": 0.0, "anchor": 1.0}, {"fst": 1.0}]
+            {"defense": "none", "fit_threshold": True}, {"mix": 0.0, "anchor": 1.0}, {"fst": 1.0},
+            {"sam": 0.5}]
     calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps(grid)))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     header, rows = lines[0], lines[1:]
     assert header["attack"] == "badnet" and 0 <= header["teacher_dev_acc"] <= 1 and 0 <= header["poisoned_dev_acc"] <= 1
-    assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none", "none", "w2sdefense", "w2sdefense"]
+    assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none", "none", "w2sdefense", "w2sdefense",
+                                            "w2sdefense"]
+    assert rows[7]["over"] == {"sam": 0.5} and set(rows[7]["last25"]) >= {"ce", "kd", "fa", "sharp"}
     assert rows[6]["over"] == {"fst": 1.0} and -1.0 <= rows[6]["last25"]["fst"] <= 1.0     # held in the ball
     assert rows[3]["over"] == {"mix": 0.0}
     assert rows[5]["over"] == {"mix": 0.0, "anchor": 1.0} and rows[5]["last25"]["anchor"] >= 0.0
@@ -319,6 +322,18 @@ def test_calibration_refuses_fst_without_a_fresh_trained_head_before_any_stage_t
     import calibrate_w2s
     student, teacher, ds = make_tiny_world(tmp_path)
     with pytest.raises(ValueError, match="fst re-initialises the head"):
+        calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps([{}, entry])))
+    assert not (tmp_path / "stages").exists() or not any((tmp_path / "stages").iterdir())
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+@pytest.mark.parametrize("entry, says", [({"defense": "none", "sam": 0.5}, "nothing is trained"),
+                                         ({"sam": 0.5, "latent": {"block": 1, "eps": 1}}, "not together"),
+                                         ({"sam": -1.0}, "at least 0")])
+def test_calibration_refuses_sam_where_it_cannot_work_before_any_stage_trains(tmp_path, entry, says):
+    import calibrate_w2s
+    student, teacher, ds = make_tiny_world(tmp_path)
+    with pytest.raises(ValueError, match=says):
         calibrate_w2s.main(tiny_argv(tmp_path, student, teacher, ds, "--grid", json.dumps([{}, entry])))
     assert not (tmp_path / "stages").exists() or not any((tmp_path / "stages").iterdir())
 
