@@ -18,6 +18,9 @@ Stages (each cached under a hash of its configuration, so a second defense or se
               weight, ``w_pre + 0.25 (w - w_pre)`` (``MIX_KEEP``), then runs W2SDefense (cpu preset: on the
               whole clean set for one epoch, feature weight 0.02; ``MIX_UNLEARN``), beside the control at that
               budget.
+              ``--defense sam-w2s`` runs W2SDefense with sharpness-aware steps (FT-SAM's idea, sam.py: each
+              step's gradients taken at weights moved by ``rho = 2`` in ASAM's units, ``SAM_RHO``), beside the
+              control and the plain W2SDefense at the same budget.
 
 Checkpoints are chosen on clean dev accuracy only; the test set is read once per model, at the end. Each
 model's row gives CA, ASR (triggered test sentences whose true label is not the target, called the target) and
@@ -45,6 +48,7 @@ import data
 import lora
 import losses
 import models
+import sam
 import train
 import weights
 
@@ -176,7 +180,8 @@ PRESETS = {
 # The unlearning stages each defense runs, in table order: a defense stands beside the plain-LoRA control, and the
 # ablation beside what it ablates.
 DEFENSE_ROWS = {"none": [], "lora": ["lora"], "w2sdefense": ["lora", "w2sdefense"],
-                "w2s-origin": ["lora", "w2sdefense", "w2s-origin"], "mix-w2s": ["lora", "mix-w2s"]}
+                "w2s-origin": ["lora", "w2sdefense", "w2s-origin"], "mix-w2s": ["lora", "mix-w2s"],
+                "sam-w2s": ["lora", "w2sdefense", "sam-w2s"]}
 # mix-w2s: Fine-mixing's idea (Zhang et al. 2022, here in WiSE-FT's deterministic form) before W2SDefense. The
 # defender also needs the pretrained student's weights (public for an open model; W2SDefense alone does not need
 # them). Each backbone weight w of the poisoned student becomes w_pre + MIX_KEEP * (w - w_pre); the head is kept.
@@ -187,6 +192,12 @@ DEFENSE_ROWS = {"none": [], "lora": ["lora"], "w2sdefense": ["lora", "w2sdefense
 MIX_KEEP = 0.25
 MIX_UNLEARN = {"quick": {}, "cpu": dict(clean_size=None, epochs=1.0, evals_per_epoch=2, gamma=0.02),
                "paper": dict(gamma=0.02)}
+# sam-w2s: FT-SAM's idea (Zhu et al. 2023) inside W2SDefense: every step's gradients are taken at the weights the
+# unlearning trains through moved by ASAM's adaptive perturbation of radius SAM_RHO (sam.py). Chosen on the clean
+# dev set with held-out triggers (BadNet `tq`, InSent "we loved that old song", the syntactic attack with target 1),
+# rho 0.5 against 2.0: bench/calibration/README.md ("Sharpness-aware unlearning"). Same budget as W2SDefense, about
+# 1.9 times its time a step.
+SAM_RHO = 2.0
 DEFENSES = tuple(DEFENSE_ROWS)
 POISON_MODES = ("clean", "dirty", "dirty-any")
 # The students' projections LoRA can wrap: attention, then the MLP (Llama-style gate/up/down; GPT-2's fc/proj).
@@ -633,7 +644,8 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     key_cfg = dataclasses.replace(cfg, alpha=a, beta=0.0, gamma=0.0, fa="", weights="") if defense == "lora" else cfg
     key = config_key(key_cfg, acfg, tcfg if defense != "lora" else None,
                      {"defense": defense, "eval": len(task.test), **task.data_key},
-                     *([{"mix": MIX_KEEP}] if defense == "mix-w2s" else []))
+                     *([{"mix": MIX_KEEP}] if defense == "mix-w2s" else []),
+                     *([{"sam": SAM_RHO}] if defense == "sam-w2s" else []))
     folder, done = open_stage(stages / f"{defense}-{key}")
     if done is not None:
         return folder, done
@@ -655,6 +667,8 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
                                    model.feature_dim, cfg.max_length, device)
         h_t = feature_target(defense, h_t)
         loss_fn = unlearning_loss(a, b, g, cfg.T, z_t, h_t, fa_distance(cfg))
+        if defense == "sam-w2s":
+            loss_fn = sam.sharpness_aware(loss_fn, SAM_RHO)
     fit = train.fit(model, train_data, dev_data, fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                     device=device, desc=f"unlearn: {defense}")
     # Read at the attacker's max length, as the poisoned student's row was: every row of the table reads the same
@@ -663,7 +677,8 @@ def unlearn_stage(defense: str, cfg: UnlearnConfig, acfg: AttackConfig, attack_f
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    dev_history=fit.dev_history,
                    weights={"alpha": a, "beta": b, "gamma": g, "T": cfg.T, "fa": fa_distance(cfg),
-                            **({"mix": MIX_KEEP} if defense == "mix-w2s" else {})},
+                            **({"mix": MIX_KEEP} if defense == "mix-w2s" else {}),
+                            **({"sam": SAM_RHO} if defense == "sam-w2s" else {})},
                    trainable=lora.count_trainable(model), seconds=time.perf_counter() - start)
     lora.save_lora(model, folder / "lora.safetensors")
     close_stage(folder, fit, metrics)
@@ -868,7 +883,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=data.DEFAULT_DATASET, help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
     p.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)} (default w2sdefense, which also runs the lora control; "
                    "w2s-origin, the feature term toward the origin, runs both beside it; mix-w2s: weights mixed "
-                   "toward the pretrained student's, then W2SDefense, beside the control at its budget)")
+                   "toward the pretrained student's, then W2SDefense, beside the control at its budget; sam-w2s: W2SDefense with "
+                   "sharpness-aware steps, beside both)")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu (default): a laptop; paper: the authors' settings, for a GPU")
     p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
     p.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")

@@ -66,11 +66,10 @@ than plain fine-tuning on the same clean data), on the weights this line's train
 finds the gradient G of the loss with respect to each effective weight W (each LoRA-wrapped projection's
 ``W0 + dW`` and the head's), then takes the step's gradients at ``W + e``, ASAM's adaptive perturbation
 ``e = rho * |W|^2 * G / || |W| * G ||`` (Kwon et al. 2021; elementwise, the norm over all of them together), so
-that the adapters are trained toward weights around which the clean loss is flat (``adaptive_perturbation``,
-``sharpness_aware``; logged: "sharp", the loss at ``W + e`` less the loss at W). FT-SAM fine-tunes every weight;
-the update here stays in the adapters and the head, as in the preset. The perturbation is added beside each
-layer's output (``x e^T``), not written into the weights, which are held in bf16 while training (a perturbation
-this small would round away there).
+that the adapters are trained toward weights around which the clean loss is flat (sam.py; logged: "sharp", the
+loss at ``W + e`` less the loss at W). FT-SAM fine-tunes every weight; the update here stays in the adapters and
+the head, as in the preset. Screened at rho 0.5 and 2.0, rho 2.0 passed its gate and became ``w2s.py --defense
+sam-w2s`` (bench/calibration/README.md, "Sharpness-aware unlearning").
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -92,9 +91,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attacks  # noqa: E402
 import data  # noqa: E402
-import lora  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+import sam as sharpness  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
 
@@ -216,7 +215,7 @@ def main(argv=None) -> None:
             if fst:
                 loss_fn = feature_shift(loss_fn, w_p.to(device), fst)
             if sam:                                   # outermost: the sharpness of the whole loss
-                loss_fn = sharpness_aware(loss_fn, sam)
+                loss_fn = sharpness.sharpness_aware(loss_fn, sam)
             # Row i of the spliced set is clean sentence i with a span inserted (or unchanged): the targets
             # computed above, on the clean sentences, stay aligned by row.
             trained_on = splice_spans(clean, splice, cfg.seed) if splice else clean
@@ -364,66 +363,6 @@ def projected_head(head, w_p: torch.Tensor, enabled: bool = True):
         yield
     finally:
         handle.remove()
-
-
-def adaptive_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """ASAM's ascent step (Kwon et al. 2021), as FT-SAM takes it: ``e = rho * T^2 G / ||T G||`` with ``T = |W|``
-    elementwise and the norm over every tensor at once, so that ``||e / T|| = rho``: each weight moves in
-    proportion to its own size (a weight at 0 does not move), along the loss's steepest ascent in those units.
-    Zero where every gradient is zero."""
-    scaled = [w.abs() * g for w, g in zip(weights, grads)]                     # T G
-    norm = torch.sqrt(sum(t.pow(2).sum() for t in scaled))
-    if norm == 0:
-        return [torch.zeros_like(w) for w in weights]
-    return [rho * w.abs() * t / norm for w, t in zip(weights, scaled)]        # T^2 G rho / ||T G||
-
-
-def moved_layers(model) -> list[torch.nn.Module]:
-    """The linear layers whose weights this line's training moves: each LoRA-wrapped projection (its effective
-    weight ``W0 + dW``) and the head, when it is trained."""
-    layers = [m for _, m in lora.lora_modules(model)]
-    return layers + ([model.head] if model.head.weight.requires_grad else [])
-
-
-def effective_weight(layer) -> torch.Tensor:
-    """The float32 weight a linear layer applies: ``W0 + dW`` for a LoRA wrapper, its weight otherwise."""
-    if isinstance(layer, lora.LoRALinear):
-        return layer.base.weight.float() + layer.delta_weight()
-    return layer.weight.float()
-
-
-@contextlib.contextmanager
-def added_weights(layers, extra: list[torch.Tensor]):
-    """While open, each layer's output gains ``x e^T`` (its own ``e`` of ``extra``): the layer acts as if its weight
-    were ``W + e``, without writing into W."""
-    handles = [m.register_forward_hook(lambda mod, inputs, y, e=e: y + torch.nn.functional.linear(inputs[0], e))
-               for m, e in zip(layers, extra)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def sharpness_aware(loss_fn, rho: float):
-    """SAM's step on ``loss_fn`` (FT-SAM's idea; ``rho`` in ASAM's units): a first pass finds the gradient of the
-    loss with respect to each moved layer's effective weight (through a zero ``e`` added beside it), a second pass
-    returns the loss at ``W + adaptive_perturbation(W, G, rho)``, whose backward gives the adapters and the head
-    the gradients of the perturbed point. Logged: "sharp", the perturbed loss less the unperturbed one."""
-    def loss(model, batch):
-        layers = moved_layers(model)
-        with torch.no_grad():
-            weights = [effective_weight(m) for m in layers]
-        probes = [torch.zeros_like(w, requires_grad=True) for w in weights]
-        with added_weights(layers, probes):
-            base, _ = loss_fn(model, batch)
-        grads = torch.autograd.grad(base, probes)
-        with torch.no_grad():
-            e = adaptive_perturbation(weights, [g.float() for g in grads], rho)
-        with added_weights(layers, e):
-            total, terms = loss_fn(model, batch)
-        return total, {**terms, "sharp": total.item() - base.item()}
-    return loss
 
 
 def block_range(group: str, n_blocks: int) -> list[int]:

@@ -397,6 +397,24 @@ def test_origin_ablation_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
     assert history["w2s-origin"]["fa"] != pytest.approx(history["w2sdefense"]["fa"], rel=1e-5)
 
 
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_sam_defense_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
+    """--defense sam-w2s: the table gains a row beside the control and W2SDefense (both from the cache, untouched);
+    its stage records rho and logs the sharpness of every step (the perturbed loss less the plain one: an ascent,
+    so positive at the first step, before any update)."""
+    student, teacher, ds = make_tiny_world(tmp_path)
+    first = w2s.run(tiny_args(tmp_path, student, teacher, ds))
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
+    result = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--defense", "sam-w2s"))
+    assert [r["model"] for r in result["rows"]] == ["poisoned", "lora", "w2sdefense", "sam-w2s"]
+    assert result["rows"][:3] == first["rows"]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    folder = next((tmp_path / "stages").glob("sam-w2s-*"))
+    history = json.loads(folder.joinpath("history.json").read_text())
+    assert all("sharp" in h for h in history) and history[0]["sharp"] > 0
+    assert json.loads(folder.joinpath("metrics.json").read_text())["weights"]["sam"] == w2s.SAM_RHO
+
+
 def test_mix_defense_takes_its_budget_for_the_whole_run_and_the_users_options_win():
     _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--defense", "mix-w2s"]))
     assert (u.clean_size, u.epochs, u.evals_per_epoch, u.gamma) == (None, 1.0, 2, 0.02)
