@@ -378,18 +378,25 @@ def test_feature_target_of_the_origin_ablation_by_hand():
     assert terms["fa"] == pytest.approx(3.5)
 
 
+def run_beside_w2sdefense(tmp_path, defense: str) -> dict:
+    """The default run, then ``--defense defense`` on the same tiny world: the table gains that one row after the
+    control and W2SDefense, which come from the cache untouched (same rows, no weight file rewritten)."""
+    student, teacher, ds = make_tiny_world(tmp_path)
+    first = w2s.run(tiny_args(tmp_path, student, teacher, ds))
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
+    result = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--defense", defense))
+    assert [r["model"] for r in result["rows"]] == ["poisoned", "lora", "w2sdefense", defense]
+    assert result["rows"][:3] == first["rows"]
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    return result
+
+
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_origin_ablation_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
     """--defense w2s-origin: the table gains a row, the control and W2SDefense come from the cache untouched, and
     the ablation is the same run as W2SDefense but for the feature target (its first step, before any update,
     has the same CE and KL on the same batch; only FA differs)."""
-    student, teacher, ds = make_tiny_world(tmp_path)
-    first = w2s.run(tiny_args(tmp_path, student, teacher, ds))
-    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
-    result = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--defense", "w2s-origin"))
-    assert [r["model"] for r in result["rows"]] == ["poisoned", "lora", "w2sdefense", "w2s-origin"]
-    assert result["rows"][:3] == first["rows"]
-    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    run_beside_w2sdefense(tmp_path, "w2s-origin")
     history = {name: json.loads(next((tmp_path / "stages").glob(f"{name}-*")).joinpath("history.json").read_text())[0]
                for name in ("w2sdefense", "w2s-origin")}
     assert history["w2s-origin"]["ce"] == pytest.approx(history["w2sdefense"]["ce"], rel=1e-6)
@@ -402,13 +409,7 @@ def test_sam_defense_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
     """--defense sam-w2s: the table gains a row beside the control and W2SDefense (both from the cache, untouched);
     its stage records rho and logs the sharpness of every step (the perturbed loss less the plain one: an ascent,
     so positive at the first step, before any update)."""
-    student, teacher, ds = make_tiny_world(tmp_path)
-    first = w2s.run(tiny_args(tmp_path, student, teacher, ds))
-    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
-    result = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--defense", "sam-w2s"))
-    assert [r["model"] for r in result["rows"]] == ["poisoned", "lora", "w2sdefense", "sam-w2s"]
-    assert result["rows"][:3] == first["rows"]
-    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    run_beside_w2sdefense(tmp_path, "sam-w2s")
     folder = next((tmp_path / "stages").glob("sam-w2s-*"))
     history = json.loads(folder.joinpath("history.json").read_text())
     assert all("sharp" in h for h in history) and history[0]["sharp"] > 0
