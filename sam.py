@@ -37,8 +37,8 @@ def adaptive_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor]
 
 
 def moved_layers(model) -> list[torch.nn.Module]:
-    """The linear layers whose weights this line's training moves: each LoRA-wrapped projection (its effective
-    weight ``W0 + dW``) and the head, when it is trained."""
+    """The linear layers the unlearning trains through: each LoRA-wrapped projection (its effective weight
+    ``W0 + dW``) and the head, when it is trained."""
     layers = [m for _, m in lora.lora_modules(model)]
     return layers + ([model.head] if model.head.weight.requires_grad else [])
 
@@ -82,5 +82,3 @@ def sharpness_aware(loss_fn, rho: float):
             total, terms = loss_fn(model, batch)
         return total, {**terms, "sharp": total.item() - base.item()}
     return loss
-
-

@@ -195,8 +195,8 @@ MIX_UNLEARN = {"quick": {}, "cpu": dict(clean_size=None, epochs=1.0, evals_per_e
 # sam-w2s: FT-SAM's idea (Zhu et al. 2023) inside W2SDefense: every step's gradients are taken at the weights the
 # unlearning trains through moved by ASAM's adaptive perturbation of radius SAM_RHO (sam.py). Chosen on the clean
 # dev set with held-out triggers (BadNet `tq`, InSent "we loved that old song", the syntactic attack with target 1),
-# rho 0.5 against 2.0: bench/calibration/README.md ("Sharpness-aware unlearning"). Same budget as W2SDefense, about
-# 1.9 times its time a step.
+# rho 0.5 against 2.0: bench/calibration/README.md ("Sharpness-aware unlearning"). Same budget as W2SDefense, two
+# forward and backward passes a step: 1.6 to 1.9 times its time (RESULTS.md).
 SAM_RHO = 2.0
 DEFENSES = tuple(DEFENSE_ROWS)
 POISON_MODES = ("clean", "dirty", "dirty-any")
