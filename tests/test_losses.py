@@ -564,4 +564,3 @@ def test_feature_shift_holds_the_head_in_the_ball_after_every_step_and_only_whil
         assert calibrate_w2s.head_directions(head.weight).norm().item() == pytest.approx(limit, rel=1e-5)
     step()
     assert calibrate_w2s.head_directions(head.weight).norm().item() > 10 * limit
-

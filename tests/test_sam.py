@@ -28,9 +28,10 @@ def test_adaptive_perturbation_by_hand():
 
 
 def test_sharpness_aware_loss_takes_the_gradients_of_the_perturbed_weights_and_leaves_the_model_as_it_was():
-    # The loss it returns, and the gradients its backward leaves on the adapters and the head, are those of a copy of the model whose effective weights were set to W + e, e computed here
-    # from that copy's own gradients with respect to each W0 (the same as W0 + dW's); the model's weights are
-    # untouched and no hook is left behind; rho = 0 is the plain loss.
+    # The loss it returns, and the gradients its backward leaves on the adapters and the head, are those of a copy
+    # of the model whose effective weights were set to W + e, e computed here from that copy's own gradients with
+    # respect to each W0 (the same as W0 + dW's); the model's weights are untouched and no hook is left behind;
+    # rho = 0 is the plain loss.
     clf = tiny_classifier("llama", n_layer=2, num_classes=2, seed=7)
     w2s.add_lora(clf, w2s.UnlearnConfig(rank=2, lora_alpha=4.0, lora_dropout=0.0))
     with torch.no_grad():
