@@ -7,7 +7,7 @@ The attacker's stage (BadNet with the held-out trigger, here `cf`) and the teach
 cache. Each grid entry overrides fields of the preset's UnlearnConfig ("defense" picks w2sdefense (default),
 lora or none); each is trained on the defender's clean subset, selected on clean dev accuracy as in w2s.py,
 and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 150 triggered non-target dev
-sentences. The test set is never read. The syntactic attack is measured on dev only in the direction whose dev
+sentences (``--dev-asr-size``: another number, or 'all'). The test set is never read. The syntactic attack is measured on dev only in the direction whose dev
 sentences are paraphrased (`--attack syntactic --target 1`: SST-2's SCPN dev file paraphrases negative sentences
 only, ``data.load_scpn_dev``); the reported syntactic rows use target 0, so target 1 is a held-out syntactic
 attack. One JSON line per entry; a trained entry also gives "dev_acc", the
@@ -76,6 +76,7 @@ With --curve, the same two dev measures are also taken at every clean-dev evalua
 can be compared on dev without retraining.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -102,6 +103,9 @@ def main(argv=None) -> None:
     parser = w2s.parser()
     parser.add_argument("--grid", required=True, help="JSON list of UnlearnConfig overrides")
     parser.add_argument("--curve", action="store_true", help="also measure dev CA and ASR at every evaluation")
+    parser.add_argument("--dev-asr-size", type=dev_asr_size, default=DEV_ASR_SIZE,
+                        help=f"non-target dev sentences the dev ASR and its floor read (default {DEV_ASR_SIZE}; "
+                             "'all': every one the trigger reaches)")
     args = parser.parse_args(argv)
     grid = json.loads(args.grid)
     a, t, u, eval_size = w2s.resolve_configs(args)
@@ -126,10 +130,12 @@ def main(argv=None) -> None:
                          "or with defense 'none'")
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, teacher = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
-    dev_floor, dev_asr = dev_pairs(task, trigger, a.target)
+    dev_floor, dev_asr = dev_pairs(task, trigger, a.target, args.dev_asr_size)
     dev_ca = dev_ca_set(task)
     trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence},
-               "syntactic": {"target": a.target, "dev_asr_rows": len(dev_asr)}}[a.attack]
+               "syntactic": {"target": a.target}}[a.attack]
+    if a.attack == "syntactic" or args.dev_asr_size != DEV_ASR_SIZE:
+        trigger["dev_asr_rows"] = len(dev_asr)       # said wherever it is not the 150 every earlier header implies
     print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"],
                       "poisoned_dev_acc": poisoned["best_dev_acc"]}), flush=True)
     for over in grid:
@@ -438,15 +444,29 @@ def dev_trigger(a: w2s.AttackConfig, data_dir, script: str):
         raise SystemExit(f"{script}: the syntactic attack has no triggered non-target dev sentences here: {e}")
 
 
-def dev_pairs(task: w2s.Task, trigger, target: int) -> tuple[data.Split, data.Split]:
-    """150 non-target dev sentences without the trigger and the same 150 with it, drawn from the rows the trigger
-    can reach (all of them for an inserted word or sentence; the paraphrased ones for the syntactic attack). The
-    share of the first classified as the target is the floor of the dev ASR (a model with no backdoor left still
-    errs on some)."""
+DEV_ASR_SIZE = 150          # every screen up to 2026-12-06 read its dev ASR on 150 sentences
+
+
+def dev_asr_size(text: str) -> int | None:
+    """``--dev-asr-size``: a positive count, or 'all' (None: every non-target dev sentence the trigger reaches)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive number of sentences or 'all', got {text!r}")
+    return int(text)
+
+
+def dev_pairs(task: w2s.Task, trigger, target: int, size: int | None = DEV_ASR_SIZE) -> tuple[data.Split, data.Split]:
+    """``size`` non-target dev sentences without the trigger and the same ``size`` with it (None: all of them),
+    drawn from the rows the trigger can reach (all of them for an inserted word or sentence; the paraphrased ones
+    for the syntactic attack). The share of the first classified as the target is the floor of the dev ASR (a
+    model with no backdoor left still errs on some). One sentence of 150 is 0.0067 of ASR; SST-2's dev set has
+    444 non-target sentences for target 0, so ``None`` reads three times as many (a binomial standard deviation
+    at 0.1 of 0.014 against 0.025)."""
     dev = task.dataset.dev
     triggered, untriggered = attacks.asr_pairs(dev, trigger, target, random.Random(7), missing="skip")
     # row for row, so the seeded draw picks the same sentences from both
-    return w2s.subset(untriggered, 150, 0, "dev-asr"), w2s.subset(triggered, 150, 0, "dev-asr")
+    return w2s.subset(untriggered, size, 0, "dev-asr"), w2s.subset(triggered, size, 0, "dev-asr")
 
 
 def all_token_loss(alpha, beta, gamma, T, z_t_all, h_t_all):

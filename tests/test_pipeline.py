@@ -629,6 +629,25 @@ def test_dev_pairs_inserted_trigger_draws_as_asr_set_does():
     assert floor.labels == asr.labels and [s for s in floor.sentences if "cf" in s.split()] == []
 
 
+def test_dev_pairs_size_draws_that_many_pairs_or_all_and_the_option_refuses_nonsense():
+    import argparse
+    import types
+    import calibrate_w2s
+    dev = data.Split([f"w{i} x y" for i in range(40)], [i % 2 for i in range(40)])    # 20 non-target (label 1)
+    task = types.SimpleNamespace(dataset=types.SimpleNamespace(dev=dev))
+    trigger = attacks.make_trigger("badnet", triggers=("cf",))
+    floor, asr = calibrate_w2s.dev_pairs(task, trigger, 0, 5)
+    assert len(floor) == len(asr) == 5 and floor.labels == asr.labels == [1] * 5
+    assert [s.replace(" cf", "").replace("cf ", "") for s in asr.sentences] == floor.sentences   # the same rows
+    every, _ = calibrate_w2s.dev_pairs(task, trigger, 0, None)
+    assert sorted(every.sentences) == sorted(s for s, y in zip(dev.sentences, dev.labels) if y == 1)
+    assert set(floor.sentences) <= set(every.sentences)
+    assert calibrate_w2s.dev_asr_size("all") is None and calibrate_w2s.dev_asr_size("300") == 300
+    for bad in ("0", "-5", "many", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive number of sentences or 'all'"):
+            calibrate_w2s.dev_asr_size(bad)
+
+
 def test_dev_pairs_syntactic_trigger_pairs_only_the_paraphrased_rows():
     import types
     import calibrate_w2s
