@@ -10,9 +10,9 @@ and then measured on the dev side only: CA on 300 clean dev sentences, ASR on 15
 sentences (``--dev-asr-size``: another number, or 'all'). The test set is never read. The syntactic attack is
 measured on dev only in the direction whose dev sentences are paraphrased (`--attack syntactic --target 1`:
 SST-2's SCPN dev file paraphrases negative sentences only, ``data.load_scpn_dev``); the reported syntactic rows
-use target 0, so target 1 is a held-out syntactic attack. One JSON line per entry; a trained entry also gives "dev_acc", the
-accuracy on the whole clean dev set of the checkpoint kept (what selected it: an upward-biased but larger sample
-than the 300), beside the poisoned student's own ("poisoned_dev_acc", first line).
+use target 0, so target 1 is a held-out syntactic attack. One JSON line per entry; a trained entry also gives
+"dev_acc", the accuracy on the whole clean dev set of the checkpoint kept (what selected it: an upward-biased but
+larger sample than the 300), beside the poisoned student's own ("poisoned_dev_acc", first line).
 
 Levers that exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
