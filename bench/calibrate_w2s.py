@@ -134,9 +134,8 @@ def main(argv=None) -> None:
     dev_ca = dev_ca_set(task)
     trigger = {"badnet": {"triggers": a.triggers}, "insent": {"insent_sentence": a.insent_sentence},
                "syntactic": {"target": a.target}}[a.attack]
-    if a.attack == "syntactic" or args.dev_asr_size != DEV_ASR_SIZE:
-        trigger["dev_asr_rows"] = len(dev_asr)       # said wherever it is not the 150 every earlier header implies
-    print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "teacher_dev_acc": teacher["best_dev_acc"],
+    print(json.dumps({"seed": a.seed, "attack": a.attack, **trigger, "dev_asr_rows": len(dev_asr),
+                      "teacher_dev_acc": teacher["best_dev_acc"],
                       "poisoned_dev_acc": poisoned["best_dev_acc"]}), flush=True)
     for over in grid:
         over = dict(over)

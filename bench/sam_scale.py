@@ -36,15 +36,15 @@ def main(argv=None) -> None:
     clean = w2s.subset(task.dataset.train, u.clean_size, u.seed, "defender-clean")
     steps_per_epoch = -(-len(clean) // u.batch_size)
     cfg = dataclasses.replace(u, epochs=args.steps / steps_per_epoch)
+    al, be, ga = w2s.resolve_weights(u, a.attack, "w2sdefense")
+    z_t, h_t = w2s.teacher_outputs(t, teacher_folder, clean.sentences, task.dataset.num_classes,
+                                   poisoned["feature_dim"], u.max_length, device)
     for rho in [0.0, *args.rho]:
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         frozen = w2s.add_lora(model, u)
         model.to(device)
         key = w2s.prefix_owner(model, frozen, a, attack_folder)
         enc = lambda split: w2s.encode_for(model, tokenizer, split, u.max_length, frozen, device, key, u.bf16)
-        al, be, ga = w2s.resolve_weights(u, a.attack, "w2sdefense")
-        z_t, h_t = w2s.teacher_outputs(t, teacher_folder, clean.sentences, task.dataset.num_classes,
-                                       model.feature_dim, u.max_length, device)
         loss_fn = w2s.unlearning_loss(al, be, ga, u.T, z_t, h_t, w2s.fa_distance(u))
         if rho:
             loss_fn = sam.sharpness_aware(loss_fn, rho)

@@ -266,6 +266,8 @@ def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(t
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     header, rows = lines[0], lines[1:]
     assert header["attack"] == "badnet" and 0 <= header["teacher_dev_acc"] <= 1 and 0 <= header["poisoned_dev_acc"] <= 1
+    dev_labels = [line.rsplit("\t", 1)[1] for line in (Path(ds) / "dev.tsv").read_text().splitlines()[1:]]
+    assert header["dev_asr_rows"] == min(150, sum(y != "0" for y in dev_labels))     # every non-target dev row, up to 150
     assert [r["defense"] for r in rows] == ["none", "lora", "w2sdefense", "none", "none", "w2sdefense", "w2sdefense",
                                             "w2sdefense"]
     assert rows[7]["over"] == {"sam": 0.5} and set(rows[7]["last25"]) >= {"ce", "kd", "fa", "sharp"}
