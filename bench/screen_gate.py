@@ -18,6 +18,12 @@ gate, as the screens in bench/calibration/README.md write it:
   adds, where --max-asr reads it together with the clean errors on that class.
 
 A student whose poisoned dev ASR is under --planted was not planted: it is printed and left out of the means.
+Beside the gate it prints the means that a reading quotes: the line's floor (where every line has one) and its
+whole-dev accuracy. ``--defense none`` reads the ``none`` line itself, the poisoned student's (its whole-dev accuracy
+is the header's), or a clean model's from a file planted with ``--n-poison 0`` (give ``--planted 0`` for those,
+whose dev ASR is low by design):
+
+    .venv/bin/python bench/screen_gate.py --defense none --planted 0 bench/calibration/cpu_seed{6,7,8}_tq_clean444.jsonl
 """
 
 from __future__ import annotations
@@ -59,8 +65,11 @@ def student(paths: list[Path], over: dict | None = None, defense: str | None = N
     if len(set(headers)) != 1:
         raise SystemExit(f"error: {name}: the files are of different students (poisoned_dev_acc {sorted(set(headers))})")
     poisoned = [r for r in rest if r.get("defense") == "none"]
-    gated = [r for r in rest if r.get("defense") != "none" and (over is None or r.get("over") == over)
-             and (defense is None or r.get("defense") == defense)]
+    if defense == "none":                      # the poisoned (or clean) model itself; its whole dev is the header's
+        gated = [dict(r, dev_acc=headers[0]) for r in poisoned if over is None or r.get("over") == over]
+    else:
+        gated = [r for r in rest if r.get("defense") != "none" and (over is None or r.get("over") == over)
+                 and (defense is None or r.get("defense") == defense)]
     if not poisoned or not gated:
         wanted = "".join(f" ({k} {json.dumps(v)})" for k, v in (("over", over), ("defense", defense)) if v is not None)
         raise SystemExit(f"error: {name} lacks the poisoned line or the line to gate{wanted}")
@@ -89,8 +98,11 @@ def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float,
             raise SystemExit("error: --max-over-floor needs each gated line's \"dev_asr_floor\"; older lines lack it")
         over_floor = statistics.mean(r["dev_asr"] - r["floor"] for r in kept)
         passes = passes and over_floor <= max_over_floor + tol
+    floors = [r["floor"] for r in kept]
     return {"students": len(kept), "left_out": len(rows) - len(kept), "mean_asr": asr, "mean_drop": drop,
-            "mean_over_floor": over_floor, "passes": passes}
+            "mean_over_floor": over_floor, "passes": passes,
+            "mean_floor": None if None in floors else statistics.mean(floors),
+            "mean_acc": statistics.mean(r["dev_acc"] for r in kept)}
 
 
 def report(rows: list[dict], g: dict) -> str:
@@ -98,8 +110,10 @@ def report(rows: list[dict], g: dict) -> str:
              f"line dev CA / ASR {r['dev_ca']:.3f} / {r['dev_asr']:.3f} (floor {'-' if r['floor'] is None else format(r['floor'], '.3f')}), whole dev {r['dev_acc']:.4f} "
              f"({r['change']:+.1f} points)" for r in rows]
     over = "" if g["mean_over_floor"] is None else f" ({g['mean_over_floor']:+.3f} over its floor)"
+    floor = "" if g["mean_floor"] is None else f", floor {g['mean_floor']:.3f}"
     lines.append(f"mean over {g['students']} planted students ({g['left_out']} left out): dev ASR {g['mean_asr']:.3f}"
-                 f"{over}, whole-dev drop {g['mean_drop']:.1f} points -> {'PASSES' if g['passes'] else 'FAILS'}")
+                 f"{over}{floor}, whole dev {g['mean_acc']:.4f}, whole-dev drop {g['mean_drop']:.1f} points -> "
+                 f"{'PASSES' if g['passes'] else 'FAILS'}")
     return "\n".join(lines)
 
 
@@ -107,7 +121,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("students", nargs="+", help="per student, its JSON-lines file(s), comma-separated")
     p.add_argument("--over", type=json.loads, default=None, help="the gated line's \"over\" (default: the last line)")
-    p.add_argument("--defense", default=None, help="the gated line's \"defense\", e.g. lora (default: any)")
+    p.add_argument("--defense", default=None, help="the gated line's \"defense\", e.g. lora; none: the poisoned "
+                   "(or clean) model itself (default: any trained line)")
     p.add_argument("--max-asr", type=float, default=0.10, help="the highest mean dev ASR that passes")
     p.add_argument("--max-drop", type=float, default=1.5, help="the most whole-dev accuracy points the mean may lose")
     p.add_argument("--max-over-floor", type=float, default=None,

@@ -720,7 +720,12 @@ def test_screen_gate_means_by_hand(tmp_path):
     g = screen_gate.gate(rows, max_asr=0.10, max_drop=1.5, planted=0.80)
     assert (g["students"], g["left_out"]) == (2, 1)
     assert g["mean_asr"] == pytest.approx(0.11) and g["mean_drop"] == pytest.approx(1.0)
+    assert g["mean_acc"] == pytest.approx(0.90) and g["mean_floor"] is None       # these lines carry no floor
     assert not g["passes"]
+    # --defense none reads the poisoned line itself, with the header's whole dev: ASR (0.98 + 0.95) / 2 = 0.965.
+    own = [screen_gate.student([f], defense="none") for f in files]
+    assert own[0]["dev_asr"] == 0.98 and own[0]["dev_acc"] == 0.90 and own[0]["change"] == 0.0
+    assert screen_gate.gate(own, max_asr=1.0, max_drop=1.5, planted=0.80)["mean_asr"] == pytest.approx(0.965)
     assert screen_gate.gate(rows, max_asr=0.12, max_drop=1.5, planted=0.80)["passes"]
     assert not screen_gate.gate(rows, max_asr=0.12, max_drop=0.9, planted=0.80)["passes"]
     with pytest.raises(SystemExit, match="lacks"):
@@ -745,6 +750,7 @@ def test_screen_gate_means_by_hand(tmp_path):
     floored = [dict(rows[0], dev_asr=0.133, floor=0.127), dict(rows[1], dev_asr=0.120, floor=0.100)]
     g = screen_gate.gate(floored, max_asr=1.0, max_drop=1.5, planted=0.80, max_over_floor=0.03)
     assert g["mean_over_floor"] == pytest.approx(0.013) and g["passes"]
+    assert g["mean_floor"] == pytest.approx(0.1135)                                # (0.127 + 0.100) / 2
     assert not screen_gate.gate(floored, max_asr=1.0, max_drop=1.5, planted=0.80, max_over_floor=0.01)["passes"]
     assert not screen_gate.gate(floored, max_asr=0.12, max_drop=1.5, planted=0.80, max_over_floor=0.03)["passes"]
     assert screen_gate.gate(floored, max_asr=1.0, max_drop=1.5, planted=0.80)["mean_over_floor"] is None
