@@ -318,7 +318,7 @@ class FitConfig:
     warmup_ratio: float = 0.0       # share of steps with a linear warm-up, then linear decay to 0
     max_grad_norm: float = 1.0
     bf16: bool = False
-    evals_per_epoch: int = 1        # clean-dev evaluations per epoch (the best one is kept)
+    evals_per_epoch: int = 1        # clean-dev evaluations per epoch (the best one is kept); see ``fit``
     seed: int = 0
 
 
@@ -349,6 +349,11 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=cross_entropy_loss,
         device="cpu", desc: str = "train", progress: bool = True, on_eval=None) -> FitResult:
     """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state.
+
+    The clean dev set is read every ``steps_per_epoch // evals_per_epoch`` steps and at the last step, earliest best
+    kept. Where those steps do not divide the run, the last two readings can be a step apart: mix-w2s's one epoch
+    of 433 steps at two an epoch reads at 216, 432 and 433 (the reported rows were made so; tests/test_train.py pins
+    it).
 
     ``on_eval(step)``, if given, is called after each clean-dev evaluation (the calibration script uses it to
     measure other dev sets along the way, with ``predict``); it must not train the model. With ``cfg.bf16`` the

@@ -58,6 +58,16 @@ def test_on_eval_is_called_after_every_dev_evaluation_and_leaves_training_alone(
     assert [h["loss"] for h in plain.history] == [h["loss"] for h in result.history]
 
 
+def test_dev_is_read_every_steps_per_epoch_over_evals_and_at_the_last_step():
+    # 112 rows / 16 = 7 steps an epoch, two readings an epoch: every 7 // 2 = 3 steps, and at the last (7), one step
+    # after the reading at 6 (as mix-w2s's 433 steps read at 216, 432 and 433).
+    tr, dev = toy_sets()
+    tr = train.Encoded(tr.ids + tr.ids[:16], torch.cat([tr.labels, tr.labels[:16]]), pad_id=0)
+    cfg = train.FitConfig(epochs=1, lr=0.05, batch_size=16, evals_per_epoch=2, seed=0)
+    result = train.fit(BagOfWords(), tr, dev, cfg, progress=False)
+    assert [s for s, _ in result.dev_history] == [3, 6, 7] and result.steps == 7
+
+
 def test_fit_restores_the_best_dev_checkpoint_and_is_deterministic():
     model, dev, result = run()
     accs = dict(result.dev_history)
