@@ -18,8 +18,8 @@ gate, as the screens in bench/calibration/README.md write it:
   adds, where --max-asr reads it together with the clean errors on that class.
 
 A student whose poisoned dev ASR is under --planted was not planted: it is printed and left out of the means.
-Beside the gate it prints the means that a reading quotes: the line's floor (where every line has one) and its
-whole-dev accuracy. ``--defense none`` reads the ``none`` line itself, the poisoned student's (its whole-dev accuracy
+Beside the gate it prints the means that a reading quotes: the line's floor and dev ASR minus it (where every line
+has a floor) and its whole-dev accuracy. ``--defense none`` reads the ``none`` line itself, the poisoned student's (its whole-dev accuracy
 is the header's), or a clean model's from a file planted with ``--n-poison 0`` (give ``--planted 0`` for those,
 whose dev ASR is low by design):
 
@@ -92,16 +92,15 @@ def gate(rows: list[dict], max_asr: float, max_drop: float, planted: float,
     drop = 100.0 * (statistics.mean(r["poisoned_acc"] for r in kept) - statistics.mean(r["dev_acc"] for r in kept))
     tol = 1e-9                  # a mean at a limit passes; 100 * (0.9 - 0.885) = 1.5000000000000013
     passes = asr <= max_asr + tol and drop <= max_drop + tol
-    over_floor = None
+    floored = all(r["floor"] is not None for r in kept)          # lines before the floor was measured have none
+    floor = statistics.mean(r["floor"] for r in kept) if floored else None
+    over_floor = statistics.mean(r["dev_asr"] - r["floor"] for r in kept) if floored else None
     if max_over_floor is not None:
-        if any(r["floor"] is None for r in kept):
+        if not floored:
             raise SystemExit("error: --max-over-floor needs each gated line's \"dev_asr_floor\"; older lines lack it")
-        over_floor = statistics.mean(r["dev_asr"] - r["floor"] for r in kept)
         passes = passes and over_floor <= max_over_floor + tol
-    floors = [r["floor"] for r in kept]
     return {"students": len(kept), "left_out": len(rows) - len(kept), "mean_asr": asr, "mean_drop": drop,
-            "mean_over_floor": over_floor, "passes": passes,
-            "mean_floor": None if None in floors else statistics.mean(floors),
+            "mean_over_floor": over_floor, "passes": passes, "mean_floor": floor,
             "mean_acc": statistics.mean(r["dev_acc"] for r in kept)}
 
 

@@ -753,7 +753,8 @@ def test_screen_gate_means_by_hand(tmp_path):
     assert g["mean_floor"] == pytest.approx(0.1135)                                # (0.127 + 0.100) / 2
     assert not screen_gate.gate(floored, max_asr=1.0, max_drop=1.5, planted=0.80, max_over_floor=0.01)["passes"]
     assert not screen_gate.gate(floored, max_asr=0.12, max_drop=1.5, planted=0.80, max_over_floor=0.03)["passes"]
-    assert screen_gate.gate(floored, max_asr=1.0, max_drop=1.5, planted=0.80)["mean_over_floor"] is None
+    assert screen_gate.gate(floored, max_asr=1.0, max_drop=1.5, planted=0.80)["mean_over_floor"] == pytest.approx(0.013)
+    assert screen_gate.gate(rows, max_asr=1.0, max_drop=1.5, planted=0.80)["mean_over_floor"] is None   # no floors
     with pytest.raises(SystemExit, match="dev_asr_floor"):
         screen_gate.gate(rows, max_asr=1.0, max_drop=1.5, planted=0.80, max_over_floor=0.03)
     files[1].write_text(files[1].read_text() + "{not json\n")
