@@ -1,6 +1,7 @@
 """The pipeline end to end on tiny random models, the training loop's metrics, and the command line."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -760,6 +761,23 @@ def test_screen_gate_means_by_hand(tmp_path):
     files[1].write_text(files[1].read_text() + "{not json\n")
     with pytest.raises(SystemExit, match="s1.jsonl, line 4"):
         screen_gate.student([files[1]])
+
+
+def test_seed_spread_by_hand(tmp_path):
+    # bench/seed_spread.py: variances 0.005 ([0.1, 0.2]) and 0.03 ([0.3, 0.3, 0.6]) pool to sqrt(0.0175) = 0.1323.
+    import seed_spread
+    assert seed_spread.pooled_sd([[0.1, 0.2], [0.3, 0.3, 0.6]]) == pytest.approx(math.sqrt(0.0175))
+    with pytest.raises(SystemExit, match="at least two"):
+        seed_spread.pooled_sd([[0.1, 0.2], [0.3]])
+    # A student's readings: the line under any unlearning seed (its own has no "seed"), not another line or the poisoned.
+    f = tmp_path / "s.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in (
+        {"seed": 6, "poisoned_dev_acc": 0.9},
+        {"defense": "none", "over": {}, "dev_asr": 1.0},
+        {"defense": "w2sdefense", "over": {"mix": 0.25}, "dev_asr": 0.10},
+        {"defense": "w2sdefense", "over": {"mix": 0.25, "seed": 100}, "dev_asr": 0.12},
+        {"defense": "w2sdefense", "over": {"mix": 0.5, "seed": 100}, "dev_asr": 0.30})) + "\n")
+    assert [r["dev_asr"] for r in seed_spread.readings([f], {"mix": 0.25})] == [0.10, 0.12]
 
 
 def test_floor_split_by_hand():
