@@ -16,12 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
 import w2s  # noqa: E402
-
-
-def by_class(preds, labels) -> tuple[float, float]:
-    """(share of label-1 rows predicted 0, share of label-0 rows predicted 1)."""
-    pos, neg = labels == 1, labels == 0
-    return ((preds[pos] == 0).float().mean().item(), (preds[neg] == 1).float().mean().item())
+import weights  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -35,14 +30,17 @@ def main(argv=None) -> None:
     if not folders:
         raise SystemExit(f"error: no teacher-* stage in {args.stages}")
     for folder in folders:
-        model, tokenizer = w2s.teacher_classifier(t, task.dataset.num_classes, 576)
+        proj = weights.read_safetensors(folder / "teacher.safetensors", names=["proj.0.weight"])["proj.0.weight"]
+        d_student = proj.shape[0]                      # the width of the student it was projected to
+        model, tokenizer = w2s.teacher_classifier(t, task.dataset.num_classes, d_student)
         w2s.load_model_state(model, folder / "teacher.safetensors")
         model.eval()
         out = []
         for name, split in (("dev", task.dev), ("test", task.test)):
             enc = train.encode(tokenizer, split.sentences, split.labels, t.max_length)
             preds = train.predict(model, enc)
-            pos_as_neg, neg_as_pos = by_class(preds, enc.labels)
+            (tn, fp), (fn, tp) = train.confusion_matrix(preds, enc.labels, 2)      # m[true][predicted]
+            pos_as_neg, neg_as_pos = fn / (fn + tp), fp / (fp + tn)
             out.append(f"{name} acc {train.accuracy(preds, enc.labels):.4f}, positive called negative {pos_as_neg:.3f}, "
                        f"negative called positive {neg_as_pos:.3f}")
         print(f"{folder.name}: " + "; ".join(out), flush=True)
