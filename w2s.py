@@ -717,7 +717,7 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
     if bf16 is None:
         bf16 = train.native_bf16(pick_device(args.device))
     a, t, u = (c if c.bf16 is not None else dataclasses.replace(c, bf16=bf16) for c in (a, t, u))
-    u = dataclasses.replace(u, **common, **_given(args, {
+    u = dataclasses.replace(u, seed=args.seed if args.unlearn_seed is None else args.unlearn_seed, **_given(args, {
         "alpha": "alpha", "beta": "beta", "gamma": "gamma", "rank": "rank", "lora_alpha": "lora_alpha",
         "epochs": "epochs", "lr": "lr", "clean_size": "clean_size", "weights": "weights", "lora_layers": "lora_layers",
         "fa": "fa"}))
@@ -817,9 +817,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> str:
     """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0``: what differs from the full default run is
-    added to it (``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``), so that one run never
+    added to it (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``), so that one run never
     overwrites another's table."""
     parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
+    if u.seed != a.seed:
+        parts.append(f"unlearn-seed{u.seed}")
     if a.mode != preset_attack(preset, a.attack).mode:
         parts.append(f"{a.mode}-label")
     if (a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0):     # nothing poisoned: the clean reference
@@ -842,7 +844,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     print(f"w2s: attack={a.attack} dataset={a.dataset} defense={args.defense} preset={args.preset} "
-          f"seed={a.seed} device={device}")
+          f"seed={a.seed}{'' if u.seed == a.seed else f' unlearn-seed={u.seed}'} device={device}")
     print(json.dumps({"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)}, default=str))
     seconds = {}
     start = time.perf_counter()
@@ -864,14 +866,15 @@ def run(args) -> dict:
         rows.append({"model": defense, **row_metrics(m), "weights": m["weights"]})
     result = {"rows": rows, "teacher_ca": teacher["ca"] if teacher else None, "seconds": seconds,
               "wall_seconds": time.perf_counter() - start, "preset": args.preset, "defense": args.defense,
-              "seed": a.seed,
+              "seed": a.seed, "unlearn_seed": u.seed,
               "config": {"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)},
               "machine": machine(), "device": device}
     write_json(out / "results.json", result)
     table = markdown_table(rows) + "\n\n" + FLOOR_LEGEND
     teacher_line = f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f}\n" if teacher else "\n"
     with weights.atomic_write(out / "results.md") as f:
-        f.write((f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}\n\n{table}\n{teacher_line}").encode())
+        f.write((f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}"
+                 f"{'' if u.seed == a.seed else f', unlearning seed {u.seed}'}\n\n{table}\n{teacher_line}").encode())
     print("\n" + table + teacher_line + f"results: {out / 'results.json'}")
     return result
 
@@ -912,6 +915,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning (preset's)")
     p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset (preset's: 2000 in cpu, all in paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--unlearn-seed", type=int, default=None, help="seed of the unlearning stages only (defender's "
+                   "clean subset and order, LoRA init), so the cached attack and teacher are reused (default --seed)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast where the hardware has bf16 units (GPU, AVX-512 BF16, AMX), else fp32")

@@ -125,6 +125,8 @@ def test_control_is_w2sdefense_with_beta_and_gamma_zero(attack, which):
     (["--attack", "syntactic", "--poison-mode", "dirty"], "syntactic-sst2-cpu-seed0-dirty-label"),
     (["--attack", "syntactic", "--poison-mode", "clean"], "syntactic-sst2-cpu-seed0-clean-label"),
     (["--defense", "lora"], "badnet-sst2-cpu-seed0-defense-lora"),
+    (["--seed", "1", "--unlearn-seed", "100", "--defense", "mix-w2s"], "badnet-sst2-cpu-seed1-unlearn-seed100-defense-mix-w2s"),
+    (["--seed", "1", "--unlearn-seed", "1"], "badnet-sst2-cpu-seed1"),         # the default, said out loud
     (["--defense", "w2s-origin"], "badnet-sst2-cpu-seed0-defense-w2s-origin"),
     (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
     (["--lora-targets", "q_proj v_proj gate_proj up_proj down_proj"], "badnet-sst2-cpu-seed0-lora-q-v-gate-up-down"),
@@ -134,6 +136,15 @@ def test_default_run_folder_names_what_differs(extra, name):
     args = w2s.parser().parse_args(["--attack", "badnet", "--precision", "fp32", *extra])
     a, _, u, _ = w2s.resolve_configs(args)
     assert w2s.run_name(a, u, args.preset, args.defense) == name
+
+
+def test_unlearn_seed_sets_the_unlearning_stages_seed_only():
+    """--unlearn-seed moves the defender's draws (clean subset and order, LoRA init) and leaves the attacker's and
+    the teacher's on --seed, so that a second unlearning seed reuses the cached poisoned student and teacher."""
+    a, t, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--seed", "2", "--unlearn-seed", "7"]))
+    assert (a.seed, t.seed, u.seed) == (2, 2, 7)
+    a, t, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--seed", "2"]))
+    assert (a.seed, t.seed, u.seed) == (2, 2, 2)
 
 
 def test_length_bucketed_batches_cover_every_row_once():
@@ -392,6 +403,19 @@ def run_beside_w2sdefense(tmp_path, defense: str) -> dict:
     assert result["rows"][:3] == first["rows"]
     assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
     return result
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
+def test_a_second_unlearning_seed_reuses_the_attack_and_teacher_and_trains_both_unlearning_stages_again(tmp_path):
+    student, teacher, ds = make_tiny_world(tmp_path)
+    first = w2s.run(tiny_args(tmp_path, student, teacher, ds))
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
+    again = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--unlearn-seed", "5"))
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}         # nothing cached was retrained
+    assert again["rows"][0] == first["rows"][0] and again["teacher_ca"] == first["teacher_ca"]
+    assert (again["seed"], again["unlearn_seed"], first["unlearn_seed"]) == (0, 5, 0)
+    folders = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir())
+    assert folders == ["attack", "lora", "lora", "teacher", "w2sdefense", "w2sdefense"]
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
