@@ -6,12 +6,18 @@ One row per run folder (its seed, CA / ASR of every model it reports, the teache
 a row of mean ± std (sample standard deviation) over them, and each model's mean change in clean accuracy from
 its run's poisoned student, in points. A model whose every run reports the ASR's floor (runs
 from 2026-12-05 on) gets CA / ASR / floor. RESULTS.md's tables are printed by this script.
+
+Runs of one poisoned student under several unlearning seeds (``w2s.py --unlearn-seed``; the seed column reads
+``0 u100``) are also read per student: each model's ASR and CA change averaged over the student's runs, then over
+the students, with the standard error over students, and the pooled within-student standard deviation of the ASR
+(the spread that the unlearning seed alone makes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +37,12 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def seed_cell(res: dict) -> str:
+    """The attack's seed, and the unlearning's where it differs (``0 u100``)."""
+    u = res.get("unlearn_seed", res["seed"])
+    return str(res["seed"]) if u == res["seed"] else f"{res['seed']} u{u}"
+
+
 def table(results: list[dict]) -> str:
     models = list(dict.fromkeys(r["model"] for res in results for r in res["rows"]))
     keys = {m: ("ca", "asr", "asr_floor") if all(r.get("asr_floor") is not None for res in results
@@ -41,7 +53,7 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         rows = {r["model"]: r for r in res["rows"]}
-        cells = [str(res["seed"])]
+        cells = [seed_cell(res)]
         cells += [" / ".join(f"{rows[m][k]:.3f}" for k in keys[m]) if m in rows else "–" for m in models]
         cells += [f"{res['teacher_ca']:.3f}" if res.get("teacher_ca") is not None else "–", f"{res['wall_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -69,6 +81,44 @@ def ca_change(results: list[dict]) -> str:
     return "CA change from the poisoned student, mean in points: " + ", ".join(parts) if parts else ""
 
 
+def by_student(results: list[dict]) -> list[list[dict]]:
+    """The runs grouped by poisoned student (the same attack configuration, seed included), in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for res in results:
+        groups.setdefault(json.dumps(res["config"]["attack"], sort_keys=True), []).append(res)
+    return list(groups.values())
+
+
+def per_student(results: list[dict]) -> str:
+    """Where a student has runs under several unlearning seeds: each model's ASR and CA change (points, from the
+    poisoned student) averaged over each student's runs, then over the students, ± the standard error over
+    students (sample sd of the per-student means / sqrt(students)); and the pooled within-student sd of the ASR,
+    sqrt(mean of the per-student sample variances), over the students with two runs or more. Empty otherwise."""
+    students = by_student(results)
+    if all(len(runs) < 2 for runs in students):
+        return ""
+    lines = [f"Per poisoned student ({len(students)}; runs per student: {', '.join(str(len(r)) for r in students)}), "
+             "mean over its unlearning seeds, then over students, ± standard error over students:"]
+    models = list(dict.fromkeys(r["model"] for res in results for r in res["rows"] if r["model"] != "poisoned"))
+    tables = [[{r["model"]: r for r in res["rows"]} for res in runs] for runs in students]
+    for m in models:
+        if any(m not in rows or "poisoned" not in rows for student in tables for rows in student):
+            raise SystemExit(f"error: reading per student needs a poisoned and a {m} row in every run")
+        asr = [[rows[m]["asr"] for rows in student] for student in tables]
+        change = [[100 * (rows[m]["ca"] - rows["poisoned"]["ca"]) for rows in student] for student in tables]
+        spread = [statistics.variance(a) for a in asr if len(a) >= 2]
+        lines.append(f"- {m}: ASR {se_of_means(asr)}, CA change {se_of_means(change, '+.1f')} points; "
+                     f"within-student sd of ASR {math.sqrt(statistics.mean(spread)):.4f} "
+                     f"({len(spread)} students with two runs or more)")
+    return "\n".join(lines)
+
+
+def se_of_means(groups: list[list[float]], fmt: str = ".3f") -> str:
+    means = [statistics.mean(g) for g in groups]
+    se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+    return f"{statistics.mean(means):{fmt}} ± {se:.3f}"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders, each holding a results.json")
@@ -77,6 +127,8 @@ def main(argv=None) -> None:
     print(table(results))
     if change := ca_change(results):
         print("\n" + change)
+    if students := per_student(results):
+        print("\n" + students)
 
 
 if __name__ == "__main__":
