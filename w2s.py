@@ -817,8 +817,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> str:
     """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0``: what differs from the full default run is
-    added to it (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``), so that one run never
-    overwrites another's table."""
+    added to it (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``), so
+    that one run never overwrites another's table."""
     parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
     if u.seed != a.seed:
         parts.append(f"unlearn-seed{u.seed}")
@@ -914,7 +914,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=None, help="epochs of unlearning (preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning (preset's)")
     p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset (preset's: 2000 in cpu, all in paper)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (the unlearning's too, unless --unlearn-seed)")
     p.add_argument("--unlearn-seed", type=int, default=None, help="seed of the unlearning stages only (defender's "
                    "clean subset and order, LoRA init), so the cached attack and teacher are reused (default --seed)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
