@@ -116,7 +116,7 @@ def per_student(results: list[dict]) -> str:
 def se_of_means(groups: list[list[float]], fmt: str = ".3f") -> str:
     means = [statistics.mean(g) for g in groups]
     se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
-    return f"{statistics.mean(means):{fmt}} ± {se:.3f}"
+    return f"{statistics.mean(means):{fmt}} ± {se:{fmt.lstrip('+')}}"
 
 
 def main(argv=None) -> None:

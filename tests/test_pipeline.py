@@ -730,7 +730,7 @@ def test_collect_results_per_student_over_unlearning_seeds_by_hand():
     # Student 0 (attack seed 0): mix-w2s ASR 0.10, 0.14; CA 0.91, 0.89 against a poisoned 0.90 -> +1, -1 points.
     # Student 1: ASR 0.08, 0.12, 0.10; CA 0.90, 0.90, 0.93 -> 0, 0, +3 points.
     # Per-student mean ASR 0.12 and 0.10: mean 0.11, sample sd 0.02 / sqrt(2), standard error that / sqrt(2) = 0.010.
-    # CA change means 0 and +1: +0.5, standard error (1 / sqrt(2)) / sqrt(2) = 0.500.
+    # CA change means 0 and +1: +0.5, standard error (1 / sqrt(2)) / sqrt(2) = 0.5.
     # Within-student variances 0.0008 and 0.0004: pooled sd sqrt(0.0006) = 0.0245.
     import collect_results
 
@@ -743,7 +743,7 @@ def test_collect_results_per_student_over_unlearning_seeds_by_hand():
     assert [collect_results.seed_cell(r) for r in runs] == ["0", "0 u100", "1", "1 u100", "1 u101"]
     lines = collect_results.per_student(runs).splitlines()
     assert lines[0].startswith("Per poisoned student (2; runs per student: 2, 3)")
-    assert lines[1] == ("- mix-w2s: ASR 0.110 ± 0.010, CA change +0.5 ± 0.500 points; within-student sd of ASR "
+    assert lines[1] == ("- mix-w2s: ASR 0.110 ± 0.010, CA change +0.5 ± 0.5 points; within-student sd of ASR "
                         "0.0245 (2 students with two runs or more)")
     assert collect_results.per_student([runs[0], runs[2]]) == ""          # one run per student: nothing to pool
     del runs[1]["rows"][0]
