@@ -916,7 +916,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset (preset's: 2000 in cpu, all in paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (the unlearning's too, unless --unlearn-seed)")
     p.add_argument("--unlearn-seed", type=int, default=None, help="seed of the unlearning stages only (defender's "
-                   "clean subset and order, LoRA init), so the cached attack and teacher are reused (default --seed)")
+                   "clean subset, batch order, dropout, LoRA init), reusing the cached attack and teacher (default --seed)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast where the hardware has bf16 units (GPU, AVX-512 BF16, AMX), else fp32")

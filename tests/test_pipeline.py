@@ -139,7 +139,7 @@ def test_default_run_folder_names_what_differs(extra, name):
 
 
 def test_unlearn_seed_sets_the_unlearning_stages_seed_only():
-    """--unlearn-seed moves the defender's draws (clean subset and order, LoRA init) and leaves the attacker's and
+    """--unlearn-seed moves the defender's draws (clean subset, batch order, dropout, LoRA init) and leaves the attacker's and
     the teacher's on --seed, so that a second unlearning seed reuses the cached poisoned student and teacher."""
     a, t, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--seed", "2", "--unlearn-seed", "7"]))
     assert (a.seed, t.seed, u.seed) == (2, 2, 7)
