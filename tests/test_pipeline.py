@@ -125,7 +125,8 @@ def test_control_is_w2sdefense_with_beta_and_gamma_zero(attack, which):
     (["--attack", "syntactic", "--poison-mode", "dirty"], "syntactic-sst2-cpu-seed0-dirty-label"),
     (["--attack", "syntactic", "--poison-mode", "clean"], "syntactic-sst2-cpu-seed0-clean-label"),
     (["--defense", "lora"], "badnet-sst2-cpu-seed0-defense-lora"),
-    (["--seed", "1", "--unlearn-seed", "100", "--defense", "mix-w2s"], "badnet-sst2-cpu-seed1-unlearn-seed100-defense-mix-w2s"),
+    (["--seed", "1", "--unlearn-seed", "100", "--defense", "mix-w2s"],
+     "badnet-sst2-cpu-seed1-unlearn-seed100-defense-mix-w2s"),
     (["--seed", "1", "--unlearn-seed", "1"], "badnet-sst2-cpu-seed1"),         # the default, said out loud
     (["--defense", "w2s-origin"], "badnet-sst2-cpu-seed0-defense-w2s-origin"),
     (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
@@ -139,9 +140,10 @@ def test_default_run_folder_names_what_differs(extra, name):
 
 
 def test_unlearn_seed_sets_the_unlearning_stages_seed_only():
-    """--unlearn-seed moves the defender's draws (clean subset, batch order, dropout, LoRA init) and leaves the attacker's and
-    the teacher's on --seed, so that a second unlearning seed reuses the cached poisoned student and teacher."""
-    a, t, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--seed", "2", "--unlearn-seed", "7"]))
+    """--unlearn-seed moves the defender's draws (clean subset, batch order, dropout, LoRA init) and leaves the
+    attacker's and the teacher's on --seed, so that a second unlearning seed reuses the cached student and teacher."""
+    args = w2s.parser().parse_args(["--precision", "fp32", "--seed", "2", "--unlearn-seed", "7"])
+    a, t, u, _ = w2s.resolve_configs(args)
     assert (a.seed, t.seed, u.seed) == (2, 2, 7)
     a, t, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--seed", "2"]))
     assert (a.seed, t.seed, u.seed) == (2, 2, 2)
