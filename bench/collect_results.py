@@ -10,7 +10,7 @@ from 2026-12-05 on) gets CA / ASR / floor. RESULTS.md's tables are printed by th
 Runs of one poisoned student under several unlearning seeds (``w2s.py --unlearn-seed``; the seed column reads
 ``0 u100``) are also read per student: each model's ASR and CA change averaged over the student's runs, then over
 the students, with the standard error over students, and the pooled within-student standard deviation of the ASR
-(the spread that the unlearning seed alone makes).
+(the spread that the unlearning seed alone makes; `seed_spread.pooled_sd`); last, each student's mean ASR.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import math
 import statistics
 import sys
 from pathlib import Path
+
+from seed_spread import pooled_sd
 
 
 def load(folder: Path) -> dict:
@@ -101,16 +103,18 @@ def per_student(results: list[dict]) -> str:
              "mean over its unlearning seeds, then over students, ± standard error over students:"]
     models = list(dict.fromkeys(r["model"] for res in results for r in res["rows"] if r["model"] != "poisoned"))
     tables = [[{r["model"]: r for r in res["rows"]} for res in runs] for runs in students]
+    means = []
     for m in models:
         if any(m not in rows or "poisoned" not in rows for student in tables for rows in student):
             raise SystemExit(f"error: reading per student needs a poisoned and a {m} row in every run")
         asr = [[rows[m]["asr"] for rows in student] for student in tables]
         change = [[100 * (rows[m]["ca"] - rows["poisoned"]["ca"]) for rows in student] for student in tables]
-        spread = [statistics.variance(a) for a in asr if len(a) >= 2]
+        pooled = [a for a in asr if len(a) >= 2]
         lines.append(f"- {m}: ASR {se_of_means(asr)}, CA change {se_of_means(change, '+.1f')} points; "
-                     f"within-student sd of ASR {math.sqrt(statistics.mean(spread)):.4f} "
-                     f"({len(spread)} students with two runs or more)")
-    return "\n".join(lines)
+                     f"within-student sd of ASR {pooled_sd(pooled):.4f} "
+                     f"({len(pooled)} students with two runs or more)")
+        means.append(f"{m} " + ", ".join(f"{statistics.mean(a):.3f}" for a in asr))
+    return "\n".join(lines + ["Each student's mean ASR over its unlearning seeds: " + "; ".join(means)])
 
 
 def se_of_means(groups: list[list[float]], fmt: str = ".3f") -> str:

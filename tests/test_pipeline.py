@@ -747,6 +747,7 @@ def test_collect_results_per_student_over_unlearning_seeds_by_hand():
     assert lines[0].startswith("Per poisoned student (2; runs per student: 2, 3)")
     assert lines[1] == ("- mix-w2s: ASR 0.110 ± 0.010, CA change +0.5 ± 0.5 points; within-student sd of ASR "
                         "0.0245 (2 students with two runs or more)")
+    assert lines[2] == "Each student's mean ASR over its unlearning seeds: mix-w2s 0.120, 0.100"
     assert collect_results.per_student([runs[0], runs[2]]) == ""          # one run per student: nothing to pool
     del runs[1]["rows"][0]
     with pytest.raises(SystemExit, match="poisoned and a mix-w2s row"):
