@@ -250,8 +250,30 @@ def close_stage(folder: Path, fit: train.FitResult, metrics: dict) -> None:
     write_json(folder / "metrics.json", metrics)
 
 
+def cpu_identity(cpuinfo: str) -> dict:
+    """The first processor's name, family and model in ``/proc/cpuinfo``'s text, and its bf16 instructions.
+
+    bf16 arithmetic rounds differently on different CPU generations (RESULTS.md, "Machines and code versions"),
+    so a run folder names the CPU that made it: "AMD EPYC" alone does not tell Zen 4 (family 25) from Zen 5 (26).
+    """
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break                                      # the end of the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name"), "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
+            "bf16_isa": sorted(flags & {"avx512_bf16", "amx_bf16"})}
+
+
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    """What a run was measured on; saved in ``results.json``."""
+    try:
+        cpu = cpu_identity(Path("/proc/cpuinfo").read_text())
+    except OSError:                                    # not Linux: the platform's word for it
+        cpu = {"cpu": platform.processor() or None}
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **cpu,
             "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

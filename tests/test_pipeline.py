@@ -47,6 +47,15 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
     assert not train.native_bf16("cpu", cpuinfo=str(tmp_path / "missing"))
 
 
+def test_machine_names_the_cpu_by_family_and_model():
+    two_processors = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                      "model name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                      "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: another\nflags\t\t: amx_bf16\n")
+    assert w2s.cpu_identity(two_processors) == {"cpu": "AMD EPYC 9R14 96-Core Processor", "cpu_family": "25",
+                                                "cpu_model": "17", "bf16_isa": ["avx512_bf16"]}
+    assert w2s.cpu_identity("") == {"cpu": None, "cpu_family": None, "cpu_model": None, "bf16_isa": []}
+    assert {"cpu", "cpus", "torch", "python"} <= set(w2s.machine())
+
 @pytest.mark.parametrize("precision, expected", [("fp32", False), ("bf16", True),
                                                  ("auto", train.native_bf16("cpu"))])
 def test_precision_option_sets_every_stage(precision, expected):
