@@ -253,8 +253,9 @@ def close_stage(folder: Path, fit: train.FitResult, metrics: dict) -> None:
 def cpu_identity(cpuinfo: str) -> dict:
     """The first processor's name, family and model in ``/proc/cpuinfo``'s text, and its bf16 instructions.
 
-    bf16 arithmetic rounds differently on different CPU generations (RESULTS.md, "Machines and code versions"),
-    so a run folder names the CPU that made it: "AMD EPYC" alone does not tell Zen 4 (family 25) from Zen 5 (26).
+    In bf16 the Intel and AMD machines here print different numbers (RESULTS.md, "Machines and code versions"),
+    so a run folder names the CPU that made it; a virtual machine's "AMD EPYC" alone does not say which
+    generation (Zen 4 is family 25, Zen 5 family 26).
     """
     fields = {}
     for line in cpuinfo.splitlines():

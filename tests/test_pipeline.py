@@ -56,6 +56,7 @@ def test_machine_names_the_cpu_by_family_and_model():
     assert w2s.cpu_identity("") == {"cpu": None, "cpu_family": None, "cpu_model": None, "bf16_isa": []}
     assert {"cpu", "cpus", "torch", "python"} <= set(w2s.machine())
 
+
 @pytest.mark.parametrize("precision, expected", [("fp32", False), ("bf16", True),
                                                  ("auto", train.native_bf16("cpu"))])
 def test_precision_option_sets_every_stage(precision, expected):
