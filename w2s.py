@@ -251,11 +251,12 @@ def close_stage(folder: Path, fit: train.FitResult, metrics: dict) -> None:
 
 
 def cpu_identity(cpuinfo: str) -> dict:
-    """The first processor's name, family and model in ``/proc/cpuinfo``'s text, and its bf16 instructions.
+    """The first processor's name, family and model in ``/proc/cpuinfo``'s text (None where it has none).
 
     In bf16 the Intel and AMD machines here print different numbers (RESULTS.md, "Machines and code versions"),
     so a run folder names the CPU that made it; a virtual machine's "AMD EPYC" alone does not say which
-    generation (Zen 4 is family 25, Zen 5 family 26).
+    generation (Zen 4 is family 25, Zen 5 family 26). Whether the CPU has bf16 units is not repeated here:
+    ``train.native_bf16`` reads that, and each stage's config says which precision ran.
     """
     fields = {}
     for line in cpuinfo.splitlines():
@@ -263,18 +264,17 @@ def cpu_identity(cpuinfo: str) -> dict:
             break                                      # the end of the first processor's block
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
-    flags = set(fields.get("flags", "").split())
-    return {"cpu": fields.get("model name"), "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
-            "bf16_isa": sorted(flags & {"avx512_bf16", "amx_bf16"})}
+    return {"cpu": fields.get("model name"), "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model")}
 
 
 def machine() -> dict:
     """What a run was measured on; saved in ``results.json``."""
     try:
-        cpu = cpu_identity(Path("/proc/cpuinfo").read_text())
-    except OSError:                                    # not Linux: the platform's word for it
-        cpu = {"cpu": platform.processor() or None}
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **cpu,
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:                                    # not Linux: "processor" below is all there is
+        cpuinfo = ""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            **cpu_identity(cpuinfo),
             "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
