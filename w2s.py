@@ -208,15 +208,29 @@ LORA_TARGETS = tuple(dict.fromkeys(name for names in models.PROJECTIONS.values()
 # Small utilities: devices, stage folders, atomic JSON
 # ----------------------------------------------------------------------------------------------
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name: str = "auto") -> str:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if name != "auto":
+    """``auto`` picks cuda, then mps, then cpu. A device named by hand must exist on this machine: a typo or a GPU
+    that this torch cannot see is an error here, before any work, not a traceback at the first tensor moved."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        missing = "no CUDA GPU that this torch can use"
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        missing = f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    elif device.type == "mps" and not _mps_available():
+        missing = "no Apple GPU (mps) that this torch can use"
+    else:
         return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    raise SystemExit(f"error: --device {name}: this machine has {missing}; use --device auto (here: "
+                     f"{pick_device('auto')}) or cpu")
 
 
 def config_key(*parts) -> str:
@@ -731,7 +745,7 @@ def resolve_configs(args) -> tuple[AttackConfig, TeacherConfig, UnlearnConfig, i
         "student": "student", "dataset": "dataset", "attack": "attack", "target": "target", "mode": "poison_mode",
         "n_poison": "n_poison", "poison_rate": "poison_rate", "epochs": "attack_epochs", "lr": "attack_lr",
         "insertions": "insertions", "insent_sentence": "insent_sentence", "train_layers": "attack_layers"}))
-    if args.triggers:
+    if args.triggers is not None:
         a = dataclasses.replace(a, triggers=tuple(args.triggers.split()))
     t = dataclasses.replace(t, **common, **_given(args, {"teacher": "teacher", "epochs": "teacher_epochs"}))
     # bf16 autocast pays off only with bf16 hardware (a GPU, or a CPU with AVX-512 BF16 / AMX); elsewhere it is
@@ -801,11 +815,19 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
                          "it needs the L2 feature distance (--fa l2)")
     if u.weights not in ("ours", "authors"):
         raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
-    check_student(a, u)
+    if not a.triggers:
+        raise SystemExit("error: --triggers needs at least one word")
+    if not a.insent_sentence.strip():
+        raise SystemExit("error: --insent-sentence is empty; give the sentence the InSent attack inserts")
+    try:
+        check_student(a, u)
+        check_teacher(t, defense)
+    except weights.UnknownModelError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def check_student(a: AttackConfig, u: UnlearnConfig) -> None:
-    """The last of ``check_configs``, the one that reads the student's files: that it has the projections LoRA is
+    """One of ``check_configs``'s last two, which read model files: that the student has the projections LoRA is
     asked to wrap. Reads the metadata only (seconds), so that a wrong ``--lora-targets`` fails before the attack
     trains (in ``w2s.py`` and the bench scripts alike), not at the first unlearning stage a quarter of an hour later."""
     style = models.decoder_style(weights.resolve_student(a.student))
@@ -815,6 +837,13 @@ def check_student(a: AttackConfig, u: UnlearnConfig) -> None:
     if missing:
         raise SystemExit(f"error: --lora-targets {' '.join(missing)}: not projections of {a.student} "
                          f"({style} blocks have {', '.join(models.PROJECTIONS[style])})")
+
+
+def check_teacher(t: TeacherConfig, defense: str) -> None:
+    """That the teacher a defense needs is a known name or a model folder, with its files here (or fetched now):
+    otherwise a wrong ``--teacher`` would fail only after the attack has trained. The control alone needs none."""
+    if any(row != "lora" for row in DEFENSE_ROWS[defense]):
+        weights.resolve_teacher(t.teacher)
 
 
 def row_metrics(metrics: dict) -> dict:
@@ -864,7 +893,13 @@ def run(args) -> dict:
     device = pick_device(args.device)
     stages = Path(args.stages)
     out = Path(args.out or Path("runs") / run_name(a, u, args.preset, args.defense))
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, folder in (("--stages", stages), ("--out", out)):
+        if folder.exists() and not folder.is_dir():
+            raise SystemExit(f"error: {flag} {folder} is a file; it must be a folder (or a path to make one)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot make the run folder {out} (--out): {e.strerror}") from None
     torch.manual_seed(a.seed)
     print(f"w2s: attack={a.attack} dataset={a.dataset} defense={args.defense} preset={args.preset} "
           f"seed={a.seed}{'' if u.seed == a.seed else f' unlearn-seed={u.seed}'} device={device}")

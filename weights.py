@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 __all__ = [
-    "WeightFileError", "DownloadError",
+    "WeightFileError", "DownloadError", "UnknownModelError",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors", "atomic_write",
     "GGUFFile", "read_gguf", "read_gguf_metadata",
     "PackagedWeights", "HubWeights", "STUDENTS", "TEACHERS", "DEFAULT_STUDENT", "DEFAULT_TEACHER",
@@ -61,6 +61,10 @@ class WeightFileError(ValueError):
 
 class DownloadError(RuntimeError):
     """A download failed. The message names the file, the URL and how to put the file in place by hand."""
+
+
+class UnknownModelError(ValueError):
+    """A model name that is neither in the registry nor a path. The message lists the valid names."""
 
 
 def _fail(path: str | os.PathLike, what: str, todo: str) -> WeightFileError:
@@ -705,7 +709,7 @@ def _resolve(name_or_path: str | os.PathLike, registry: dict, role: str, allow_g
     path = Path(name_or_path).expanduser()
     looks_like_path = path.exists() or os.sep in key or path.suffix in (".gguf", ".safetensors")
     if not looks_like_path:
-        raise ValueError(f"unknown {role} '{key}'; valid names are {', '.join(registry)} "
+        raise UnknownModelError(f"unknown {role} '{key}'; valid names are {', '.join(registry)} "
                          f"(a path to a local {'.gguf file or ' if allow_gguf else ''}model folder also works)")
     return _check_local(path, allow_gguf)
 

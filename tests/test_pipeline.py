@@ -627,12 +627,35 @@ def test_a_missing_split_file_is_an_error_message_not_a_traceback(tmp_path, caps
     (["--attack-lr=-1e-4"], "--attack-lr must be positive"),
     (["--insertions", "0"], "--insertions must be positive"),
     (["--clean-size", "0"], "--clean-size must be at least 1"),
+    (["--student", "nope"], "unknown student 'nope'; valid names are smollm2-135m, gpt2"),
+    (["--teacher", "nope"], "unknown teacher 'nope'; valid names are minilm-l6, bert-base-uncased"),   # not after the attack
+    (["--triggers", ""], "--triggers needs at least one word"),
+    (["--attack", "insent", "--insent-sentence", " "], "--insent-sentence is empty"),
+    (["--device", "nope"], "--device 'nope' is not a torch device"),
+    (["--device", "cuda:99"], "--device cuda:99: this machine has"),      # no machine here has 100 GPUs
 ])
 def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         w2s.run(w2s.parser().parse_args(argv + ["--stages", str(tmp_path / "s"), "--out", str(tmp_path / "o")]))
     assert message in str(e.value)
-    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_control_alone_does_not_need_the_teacher():
+    a, t, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--defense", "lora", "--teacher", "nope"]))
+    w2s.check_configs(a, t, u, "lora", None)                    # nothing to resolve: the control has no teacher
+    with pytest.raises(SystemExit, match="unknown teacher 'nope'"):
+        w2s.check_configs(a, t, u, "w2sdefense", None)
+
+
+@pytest.mark.parametrize("flag", ["--stages", "--out"])
+def test_a_file_where_a_folder_goes_is_an_error_before_any_work(flag, tmp_path):
+    (tmp_path / "f").write_text("keep me")
+    folders = {"--stages": str(tmp_path / "s"), "--out": str(tmp_path / "o"), flag: str(tmp_path / "f")}
+    with pytest.raises(SystemExit, match=f"{flag} .*f is a file"):
+        w2s.run(w2s.parser().parse_args([arg for pair in folders.items() for arg in pair]))
+    assert (tmp_path / "f").read_text() == "keep me"
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("script, extra, message", [
