@@ -416,8 +416,20 @@ def save_model(model, path: Path, metadata=None):
     weights.write_safetensors(path, sd, metadata)
 
 
+def read_stage_tensors(path: Path) -> dict:
+    """The tensors of a file a stage wrote. A damaged or missing one is an error that says how to make it again
+    (the reader's own advice, to download it again, is for the files we download)."""
+    try:
+        return weights.read_safetensors(path)
+    except weights.WeightFileError as e:
+        what = str(e).rsplit("; ", 1)[0]
+        raise weights.WeightFileError(f"{what}; it is a stage's file: delete the folder {path.parent} and rerun "
+                                      f"to make it again") from None
+
+
 def load_model_state(model, path: Path):
-    sd = weights.read_safetensors(path)
+    """Load a stage's saved tensors into ``model``; a file that is not this model's is an error naming it."""
+    sd = read_stage_tensors(path)
     own = model.state_dict()
     missing = [k for k in own if k not in sd and "lm_head" not in k]
     if missing:
@@ -560,7 +572,7 @@ def teacher_outputs(cfg: TeacherConfig, folder: Path, sentences, num_classes: in
     key = hashlib.sha256(json.dumps([sentences, max_length]).encode()).hexdigest()[:12]
     path = folder / f"outputs-{key}.safetensors"
     if path.exists():
-        t = weights.read_safetensors(path)
+        t = read_stage_tensors(path)
         return t["z_t"], t["h_t"]
     model, tokenizer = teacher_classifier(cfg, num_classes, d_student)
     load_model_state(model, folder / "teacher.safetensors")
@@ -668,7 +680,7 @@ def load_unlearned(cfg: UnlearnConfig, acfg: AttackConfig, attack_folder: Path, 
     if defense == "mix-w2s":
         mix_with_pretrained(model, acfg)
     add_lora(model, cfg)
-    lora.load_lora(model, folder / "lora.safetensors")
+    lora.load_lora_state_dict(model, read_stage_tensors(folder / "lora.safetensors"))
     return model.eval(), tokenizer
 
 

@@ -596,6 +596,18 @@ def test_a_stage_file_of_another_model_is_refused_by_name(tmp_path):
         w2s.load_model_state(torch.nn.Linear(2, 3), tmp_path / "w.safetensors")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_stage_file_says_to_remake_the_stage_not_to_download_it(damage, tmp_path):
+    import weights
+    w2s.save_model(torch.nn.Linear(2, 3), tmp_path / "stage" / "w.safetensors")
+    path = tmp_path / "stage" / "w.safetensors"
+    path.write_bytes(path.read_bytes()[:40]) if damage == "truncated" else path.unlink()
+    with pytest.raises(weights.WeightFileError) as e:
+        w2s.load_model_state(torch.nn.Linear(2, 3), path)
+    assert str(e.value).startswith(f"{path}: ") and "download" not in str(e.value)
+    assert str(e.value).endswith(f"it is a stage's file: delete the folder {path.parent} and rerun to make it again")
+
+
 def test_a_missing_split_file_is_an_error_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
