@@ -919,6 +919,10 @@ def run(args) -> dict:
     seconds = {}
     start = time.perf_counter()
     task = build_task(a, eval_size, args.data_dir)
+    n_clean = len(task.dataset.train)
+    if args.clean_size is not None and args.clean_size > n_clean:     # a preset's size is "at most": all of a small set
+        raise SystemExit(f"error: --clean-size {args.clean_size} is more than the {n_clean} clean training sentences "
+                         f"of {a.dataset}; give at most {n_clean}, or leave it out for the preset's")
     attack_folder, poisoned = attack_stage(a, task, stages, device)
     seconds["attack"] = poisoned["seconds"]
     # --n-poison 0 fine-tunes the same way on clean data: its "ASR" is the natural false-trigger rate.

@@ -608,6 +608,16 @@ def test_a_damaged_stage_file_says_to_remake_the_stage_not_to_download_it(damage
     assert str(e.value).endswith(f"it is a stage's file: delete the folder {path.parent} and rerun to make it again")
 
 
+def test_a_clean_set_larger_than_the_training_set_is_an_error_before_any_training(tmp_path):
+    (tmp_path / "ds").mkdir()
+    for split in ("train", "dev", "test"):
+        (tmp_path / "ds" / f"{split}.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
+    with pytest.raises(SystemExit, match="--clean-size 4 is more than the 3 clean training sentences"):
+        w2s.run(w2s.parser().parse_args(["--dataset", str(tmp_path / "ds"), "--clean-size", "4", "--stages",
+                                         str(tmp_path / "s"), "--out", str(tmp_path / "o")]))
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_missing_split_file_is_an_error_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
