@@ -827,6 +827,9 @@ def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: 
                          "it needs the L2 feature distance (--fa l2)")
     if u.weights not in ("ours", "authors"):
         raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
+    for name, value in (("--seed", a.seed), ("--unlearn-seed", u.seed)):
+        if value < 0:                                   # a run folder "...-seed-1" would read as seed 1
+            raise SystemExit(f"error: {name} must be >= 0, got {value}")
     if not a.triggers:
         raise SystemExit("error: --triggers needs at least one word")
     if not a.insent_sentence.strip():

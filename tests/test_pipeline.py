@@ -653,6 +653,8 @@ def test_a_missing_split_file_is_an_error_message_not_a_traceback(tmp_path, caps
     (["--teacher", "nope"], "unknown teacher 'nope'; valid names are minilm-l6, bert-base-uncased"),   # not after the attack
     (["--triggers", ""], "--triggers needs at least one word"),
     (["--attack", "insent", "--insent-sentence", " "], "--insent-sentence is empty"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--unlearn-seed", "-5"], "--unlearn-seed must be >= 0"),
     (["--device", "nope"], "--device 'nope' is not a torch device"),
     (["--device", "cuda:99"], "--device cuda:99: this machine has"),      # no machine here has 100 GPUs
 ])
