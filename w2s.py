@@ -919,6 +919,10 @@ def run(args) -> dict:
     print(f"w2s: attack={a.attack} dataset={a.dataset} defense={args.defense} preset={args.preset} "
           f"seed={a.seed}{'' if u.seed == a.seed else f' unlearn-seed={u.seed}'} device={device}")
     print(json.dumps({"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)}, default=str))
+    if args.preset == "paper" and device == "cpu":
+        print("w2s: note: the paper preset is the authors' settings, sized for a GPU: five epochs of each stage at up "
+              "to 128 tokens, every clean sentence for the defender; on a CPU it takes many times the cpu preset's "
+              "time (Ctrl-C keeps the finished stages)", file=sys.stderr)
     seconds = {}
     start = time.perf_counter()
     task = build_task(a, eval_size, args.data_dir)

@@ -672,6 +672,17 @@ def test_the_control_alone_does_not_need_the_teacher():
         w2s.check_configs(a, t, u, "w2sdefense", None)
 
 
+@pytest.mark.parametrize("preset, noted", [("paper", True), ("quick", False)])
+def test_the_paper_preset_on_a_cpu_says_it_is_sized_for_a_gpu(preset, noted, monkeypatch, capsys, tmp_path):
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop before any work")
+    monkeypatch.setattr(w2s, "build_task", stop)
+    with pytest.raises(RuntimeError, match="stop before any work"):
+        w2s.run(w2s.parser().parse_args(["--preset", preset, "--device", "cpu", "--stages", str(tmp_path / "s"),
+                                         "--out", str(tmp_path / "o")]))
+    assert ("sized for a GPU" in capsys.readouterr().err) == noted
+
+
 @pytest.mark.parametrize("flag", ["--stages", "--out"])
 def test_a_file_where_a_folder_goes_is_an_error_before_any_work(flag, tmp_path):
     (tmp_path / "f").write_text("keep me")
