@@ -101,13 +101,14 @@ import w2s  # noqa: E402
 
 def main(argv=None) -> None:
     parser = w2s.parser()
-    parser.add_argument("--grid", required=True, help="JSON list of UnlearnConfig overrides")
+    parser.add_argument("--grid", required=True, type=grid_entries,
+                        help="JSON list of objects: UnlearnConfig overrides and this script's levers")
     parser.add_argument("--curve", action="store_true", help="also measure dev CA and ASR at every evaluation")
     parser.add_argument("--dev-asr-size", type=dev_asr_size, default=DEV_ASR_SIZE,
                         help=f"non-target dev sentences the dev ASR and its floor read (default {DEV_ASR_SIZE}; "
                              "'all': every one the trigger reaches)")
     args = parser.parse_args(argv)
-    grid = json.loads(args.grid)
+    grid = args.grid
     a, t, u, eval_size = w2s.resolve_configs(args)
     w2s.check_configs(a, t, u, "w2sdefense", args.data_dir)
     trigger = dev_trigger(a, args.data_dir, "calibrate_w2s.py")
@@ -444,6 +445,36 @@ def dev_trigger(a: w2s.AttackConfig, data_dir, script: str):
 
 
 DEV_ASR_SIZE = 150          # every screen up to 2026-12-06 read its dev ASR on 150 sentences
+
+
+# The keys of a grid entry that are this script's levers (the module's docstring), not UnlearnConfig fields; the loop
+# in main pops each of them.
+LEVERS = ("defense", "head", "fa_tokens", "fa_block", "gamma_ramp", "gamma_decay", "head_refit", "fa_target", "splice",
+          "latent", "prune", "mix", "mix_blocks", "fit_threshold", "anchor", "fst", "sam")
+GRID_DEFENSES = ("w2sdefense", "lora", "none")
+
+
+def grid_entries(text: str) -> list[dict]:
+    """``--grid``: a JSON list of objects whose keys are levers of this script or fields of ``w2s.UnlearnConfig``.
+    Checked when the command line is read: a typo would otherwise surface only after the attack and the teacher
+    have trained."""
+    try:
+        grid = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(grid, list) or not grid or not all(isinstance(entry, dict) for entry in grid):
+        raise argparse.ArgumentTypeError('a JSON list of one or more objects, e.g. \'[{}, {"gamma": 0.1}]\'')
+    fields = {f.name for f in dataclasses.fields(w2s.UnlearnConfig)}
+    for entry in grid:
+        unknown = sorted(set(entry) - fields - set(LEVERS))
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown key {', '.join(unknown)} in {json.dumps(entry)}: a key is a lever ({', '.join(LEVERS)}) "
+                f"or a field of UnlearnConfig ({', '.join(sorted(fields))})")
+        if entry.get("defense", "w2sdefense") not in GRID_DEFENSES:
+            raise argparse.ArgumentTypeError(f"defense {entry['defense']!r} in {json.dumps(entry)}: choose one of "
+                                             f"{', '.join(GRID_DEFENSES)}")
+    return grid
 
 
 def dev_asr_size(text: str) -> int | None:

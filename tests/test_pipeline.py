@@ -312,6 +312,23 @@ def test_calibration_script_runs_a_grid_on_tiny_models_one_json_line_per_entry(t
     assert set(rows[2]["last25"]) >= {"ce", "kd", "fa"} and set(rows[1]["last25"]) >= {"ce"}
 
 
+@pytest.mark.parametrize("grid, message", [
+    ("[{", "not JSON"), ("{}", "a JSON list of one or more objects"), ("[]", "a JSON list of one or more objects"),
+    ("[{}, 3]", "a JSON list of one or more objects"),
+    ('[{"gamma": 0.1}, {"gama": 0.1}]', 'unknown key gama in {"gama": 0.1}: a key is a lever (defense, head'),
+    ('[{"defense": "mix-w2s"}]', "defense 'mix-w2s' in"),
+])
+def test_calibration_grid_is_checked_when_the_command_line_is_read(grid, message):
+    """A grid typo used to surface after the attack and the teacher had trained (an unknown key) or never (a JSON
+    object instead of a list ran nothing)."""
+    import argparse
+    import re
+    import calibrate_w2s
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        calibrate_w2s.grid_entries(grid)
+    assert calibrate_w2s.grid_entries('[{}, {"gamma": 0.1, "mix": 0.25}]') == [{}, {"gamma": 0.1, "mix": 0.25}]
+
+
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_calibration_refuses_fit_threshold_on_three_classes_before_any_stage_trains(tmp_path):
     """One threshold on z_1 - z_0 is a two-class lever: asked of a three-class dataset, the script says so
