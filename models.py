@@ -639,6 +639,20 @@ def decoder_style(path) -> str | None:
     return kind if kind in PROJECTIONS else None
 
 
+def decoder_depth(path) -> int | None:
+    """The number of blocks, read from a decoder's metadata only (as ``decoder_style``), so that a block index can
+    be checked before any training. None when the metadata does not say (or cannot be read)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gguf":
+            metadata = weights.read_gguf_metadata(path)
+            return int(metadata[f"{metadata['general.architecture']}.block_count"])
+        config = json.loads((path / "config.json").read_text())
+        return int(config["n_layer"] if "n_layer" in config else config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, weights.WeightFileError):
+        return None
+
+
 def load_decoder(path) -> tuple[GPT, dict]:
     """Build a ``GPT`` from a ``.gguf`` file or a Hugging Face-layout folder (GPT-2 or Llama).
 

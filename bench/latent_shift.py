@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
+import weights  # noqa: E402
 from calibrate_w2s import dev_ca_set, dev_pairs, refuse_syntactic  # noqa: E402
 
 
@@ -70,6 +71,12 @@ def block_states(model, data: train.Encoded, blocks, device, bf16: bool, batch_s
     return out
 
 
+def check_blocks(blocks: list[int], n: int | None) -> None:
+    """``--blocks`` within the student's ``n`` blocks (None: its metadata did not say; checked again once loaded)."""
+    if n is not None and any(not 0 <= b < n for b in blocks):
+        raise SystemExit(f"latent_shift.py: blocks must be in 0..{n - 1}, got {blocks}")
+
+
 def main(argv=None) -> None:
     parser = w2s.parser()
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 9, 14, 19, 24],
@@ -78,6 +85,7 @@ def main(argv=None) -> None:
     a, t, u, eval_size = w2s.resolve_configs(args)
     w2s.check_configs(a, t, u, "none", args.data_dir)
     refuse_syntactic(a.attack, "latent_shift.py")
+    check_blocks(args.blocks, models.decoder_depth(weights.resolve_student(a.student)))   # before the attack trains
     device = w2s.pick_device(args.device)
     task = w2s.build_task(a, eval_size, args.data_dir)
     attack_folder, _ = w2s.attack_stage(a, task, Path(args.stages), device)
@@ -85,9 +93,7 @@ def main(argv=None) -> None:
     clean, trig = dev_pairs(task, trigger, a.target)
     model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
     model.to(device).eval()
-    n = len(model.backbone.blocks)
-    if any(not 0 <= b < n for b in args.blocks):
-        raise SystemExit(f"latent_shift.py: blocks must be in 0..{n - 1}, got {args.blocks}")
+    check_blocks(args.blocks, len(model.backbone.blocks))
     dev = dev_ca_set(task)
     states = [block_states(model, train.encode(tokenizer, s.sentences, s.labels, u.max_length), args.blocks,
                            device, u.bf16) for s in (clean, trig, dev)]

@@ -26,6 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rho", type=float, nargs="+", required=True, help="the radii to read (0 is always read)")
     parser.add_argument("--steps", type=int, default=12, help="steps to average over")
     args = parser.parse_args(argv)
+    if any(rho < 0 for rho in args.rho):
+        raise SystemExit(f"sam_scale.py: --rho is a perturbation's radius, at least 0; got {args.rho}")
     a, t, u, eval_size = w2s.resolve_configs(args)
     w2s.check_configs(a, t, u, "w2sdefense", args.data_dir)
     device = w2s.pick_device(args.device)

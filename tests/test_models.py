@@ -173,6 +173,18 @@ def test_decoder_style_is_read_from_metadata_and_names_the_block_projections(tmp
     assert models.decoder_style(tmp_path) is None
 
 
+@pytest.mark.parametrize("make, style", [(tiny_gpt2, "gpt2"), (tiny_llama, "llama")])
+def test_decoder_depth_is_read_from_metadata(tmp_path, make, style):
+    ref = make(tmp_path)
+    ours, _ = models.load_decoder(tmp_path)
+    assert models.decoder_depth(tmp_path) == len(ours.blocks) == ref.config.num_hidden_layers   # config.json
+    if style == "llama":
+        write_tiny_llama_gguf(ref, tmp_path / "tiny.gguf")
+        assert models.decoder_depth(tmp_path / "tiny.gguf") == len(ours.blocks)                    # the GGUF header
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert models.decoder_depth(tmp_path) is None
+
+
 def test_unpermute_qk_inverts_llama_cpp_permute():
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)   # 2 heads of dim 8
     back = models.unpermute_qk(torch.from_numpy(llama_cpp_permute(w, 2)), 2)

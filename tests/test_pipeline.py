@@ -727,6 +727,19 @@ def test_dev_side_bench_scripts_refuse_the_syntactic_attack_before_any_work(scri
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("script, extra, message", [
+    ("block_reset", ["--groups", "0-9", "0-99"], "block group '0-99' is outside the blocks 0-29"),
+    ("latent_shift", ["--blocks", "4", "30"], r"blocks must be in 0..29, got \[4, 30\]"),
+    ("sam_scale", ["--rho", "2", "-1"], "--rho is a perturbation's radius, at least 0"),
+])
+def test_bench_scripts_check_block_indices_and_radii_before_any_work(script, extra, message, tmp_path):
+    """The default student's 30 blocks, read from its metadata (``models.decoder_depth``) before the attack trains."""
+    import importlib
+    with pytest.raises(SystemExit, match=f"{script}.py: {message}"):
+        importlib.import_module(script).main(["--stages", str(tmp_path / "s"), *extra])
+    assert not (tmp_path / "s").exists()
+
+
 def test_dev_pairs_inserted_trigger_draws_as_asr_set_does():
     # bench/calibrate_w2s.py's dev ASR set: for an inserted word, the same sentences, draw for draw, as
     # attacks.asr_set with the same seed (the calibration lines measured before dev_pairs was generalised).
