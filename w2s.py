@@ -882,16 +882,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> str:
+def run_name(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) -> str:
     """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0``: what differs from the full default run is
-    added to it (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``), so
-    that one run never overwrites another's table."""
+    added to it (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``, then
+    every other setting that differs from the preset's, ``changed_settings``), so that one run never overwrites
+    another's table."""
+    preset, defense = args.preset, args.defense
     parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
     if u.seed != a.seed:
         parts.append(f"unlearn-seed{u.seed}")
     if a.mode != preset_attack(preset, a.attack).mode:
         parts.append(f"{a.mode}-label")
-    if (a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0):     # nothing poisoned: the clean reference
+    if nothing_poisoned(a):                                               # the clean reference
         parts.append("clean")
     if defense != "w2sdefense":
         parts.append(f"defense-{defense}")
@@ -899,7 +901,47 @@ def run_name(a: AttackConfig, u: UnlearnConfig, preset: str, defense: str) -> st
         parts.append(f"weights-{u.weights}")
     if tuple(u.targets) != tuple(PRESETS[preset]["unlearn"].get("targets", UnlearnConfig.targets)):
         parts.append("lora-" + "-".join(name.removesuffix("_proj") for name in u.targets))
-    return "-".join(parts)
+    return "-".join(parts + changed_settings(args, a, t, u))
+
+
+def nothing_poisoned(a: AttackConfig) -> bool:
+    return a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0
+
+
+# Fields that keep their own name in a run folder's; the other attacker's and teacher's fields get "attack-" and
+# "teacher-" before theirs (``--attack-epochs``, ``--teacher-epochs``), the defender's none.
+OWN_NAMES = {"student", "triggers", "insertions", "insent_sentence", "target", "n_poison", "poison_rate", "teacher"}
+
+
+def changed_settings(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) -> list[str]:
+    """The settings not already in ``run_name``'s parts in which this run differs from the same command without its
+    other options, one name part each: ``gamma0.1``, ``attack-epochs2.0``, ``student-gpt2``, ``fp32``. A value that
+    is not a short word or number goes in as eight hex digits of its hash (an InSent sentence, a path)."""
+    plain = parser().parse_args(["--attack", a.attack, "--dataset", a.dataset, "--preset", args.preset,
+                                 "--defense", args.defense, "--seed", str(a.seed), "--unlearn-seed", str(u.seed),
+                                 "--device", args.device, "--poison-mode", a.mode, "--weights", u.weights,
+                                 "--lora-targets", " ".join(u.targets)])
+    refs = resolve_configs(plain)[:3]
+    named = {"attack", "dataset", "seed", "mode", "weights", "targets", "bf16"}       # run_name's own parts
+    if nothing_poisoned(a):
+        named |= {"n_poison", "poison_rate"}                                             # said by "clean"
+    parts = []
+    for cfg, ref, prefix in zip((a, t, u), refs, ("attack-", "teacher-", "")):
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name in named or value == getattr(ref, f.name):
+                continue
+            label = ("" if f.name in OWN_NAMES else prefix) + f.name.replace("_", "-")
+            text = " ".join(value) if isinstance(value, (tuple, list)) else str(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                parts.append(f"{label}{text}")
+            elif text and len(text) <= 24 and all(c.isalnum() or c in "._+-" for c in text):
+                parts.append(f"{label}-{text}")
+            else:
+                parts.append(f"{label}-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+    if u.bf16 != refs[2].bf16:
+        parts.append("bf16" if u.bf16 else "fp32")
+    return parts
 
 
 def run(args) -> dict:
@@ -907,7 +949,7 @@ def run(args) -> dict:
     check_configs(a, t, u, args.defense, args.data_dir)
     device = pick_device(args.device)
     stages = Path(args.stages)
-    out = Path(args.out or Path("runs") / run_name(a, u, args.preset, args.defense))
+    out = Path(args.out or Path("runs") / run_name(args, a, t, u))
     for flag, folder in (("--stages", stages), ("--out", out)):
         if folder.exists() and not folder.is_dir():
             raise SystemExit(f"error: {flag} {folder} is a file; it must be a folder (or a path to make one)")

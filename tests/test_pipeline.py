@@ -141,12 +141,30 @@ def test_control_is_w2sdefense_with_beta_and_gamma_zero(attack, which):
     (["--defense", "w2s-origin"], "badnet-sst2-cpu-seed0-defense-w2s-origin"),
     (["--weights", "authors", "--preset", "quick"], "badnet-sst2-quick-seed0-weights-authors"),
     (["--lora-targets", "q_proj v_proj gate_proj up_proj down_proj"], "badnet-sst2-cpu-seed0-lora-q-v-gate-up-down"),
+    # every other setting that differs from the preset's, in the order of the configs' fields
+    (["--rank", "64", "--gamma", "0.1"], "badnet-sst2-cpu-seed0-gamma0.1-rank64"),
+    (["--gamma", "0.05"], "badnet-sst2-cpu-seed0"),                             # the preset's own value
+    (["--defense", "mix-w2s", "--gamma", "0.05"], "badnet-sst2-cpu-seed0-defense-mix-w2s-gamma0.05"),   # not mix's
+    (["--student", "gpt2", "--teacher", "bert-base-uncased"],
+     "badnet-sst2-cpu-seed0-student-gpt2-teacher-bert-base-uncased"),
+    (["--triggers", "cf", "--attack-epochs", "2", "--teacher-epochs", "1", "--epochs", "3"],
+     "badnet-sst2-cpu-seed0-triggers-cf-attack-epochs2.0-teacher-epochs1.0-epochs3.0"),
+    (["--attack", "insent", "--insent-sentence", "we loved that old song"], "insent-sst2-cpu-seed0-insent-sentence-"
+     + __import__("hashlib").sha256(b"we loved that old song").hexdigest()[:8]),
+    (["--n-poison", "500", "--clean-size", "100"], "badnet-sst2-cpu-seed0-n-poison500-clean-size100"),
 ])
 def test_default_run_folder_names_what_differs(extra, name):
-    """A clean fine-tune or a single defense must not overwrite the full run's results.json."""
-    args = w2s.parser().parse_args(["--attack", "badnet", "--precision", "fp32", *extra])
-    a, _, u, _ = w2s.resolve_configs(args)
-    assert w2s.run_name(a, u, args.preset, args.defense) == name
+    """A clean fine-tune, a single defense or any other setting must not overwrite the full run's results.json."""
+    args = w2s.parser().parse_args(["--attack", "badnet", *extra])
+    a, t, u, _ = w2s.resolve_configs(args)
+    assert w2s.run_name(args, a, t, u) == name
+
+
+def test_default_run_folder_names_a_precision_other_than_the_machines():
+    native = train.native_bf16("cpu")
+    for precision, suffix in (("auto", ""), ("bf16", "" if native else "-bf16"), ("fp32", "-fp32" if native else "")):
+        args = w2s.parser().parse_args(["--precision", precision, "--device", "cpu"])
+        assert w2s.run_name(args, *w2s.resolve_configs(args)[:3]) == "badnet-sst2-cpu-seed0" + suffix
 
 
 def test_unlearn_seed_sets_the_unlearning_stages_seed_only():
