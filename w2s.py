@@ -922,7 +922,7 @@ def changed_settings(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) 
                                  "--device", args.device, "--poison-mode", a.mode, "--weights", u.weights,
                                  "--lora-targets", " ".join(u.targets)])
     refs = resolve_configs(plain)[:3]
-    named = {"attack", "dataset", "seed", "mode", "weights", "targets", "bf16"}       # run_name's own parts
+    named = {"attack", "dataset", "seed", "mode", "weights", "targets", "bf16"}   # run_name's parts; bf16 below
     if nothing_poisoned(a):
         named |= {"n_poison", "poison_rate"}                                             # said by "clean"
     parts = []

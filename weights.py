@@ -710,7 +710,7 @@ def _resolve(name_or_path: str | os.PathLike, registry: dict, role: str, allow_g
     looks_like_path = path.exists() or os.sep in key or path.suffix in (".gguf", ".safetensors")
     if not looks_like_path:
         raise UnknownModelError(f"unknown {role} '{key}'; valid names are {', '.join(registry)} "
-                         f"(a path to a local {'.gguf file or ' if allow_gguf else ''}model folder also works)")
+                                f"(a path to a local {'.gguf file or ' if allow_gguf else ''}model folder also works)")
     return _check_local(path, allow_gguf)
 
 

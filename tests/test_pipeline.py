@@ -1,5 +1,6 @@
 """The pipeline end to end on tiny random models, the training loop's metrics, and the command line."""
 
+import hashlib
 import json
 import math
 import random
@@ -150,7 +151,7 @@ def test_control_is_w2sdefense_with_beta_and_gamma_zero(attack, which):
     (["--triggers", "cf", "--attack-epochs", "2", "--teacher-epochs", "1", "--epochs", "3"],
      "badnet-sst2-cpu-seed0-triggers-cf-attack-epochs2.0-teacher-epochs1.0-epochs3.0"),
     (["--attack", "insent", "--insent-sentence", "we loved that old song"], "insent-sst2-cpu-seed0-insent-sentence-"
-     + __import__("hashlib").sha256(b"we loved that old song").hexdigest()[:8]),
+     + hashlib.sha256(b"we loved that old song").hexdigest()[:8]),
     (["--n-poison", "500", "--clean-size", "100"], "badnet-sst2-cpu-seed0-n-poison500-clean-size100"),
 ])
 def test_default_run_folder_names_what_differs(extra, name):
@@ -636,7 +637,10 @@ def test_a_damaged_stage_file_says_to_remake_the_stage_not_to_download_it(damage
     import weights
     w2s.save_model(torch.nn.Linear(2, 3), tmp_path / "stage" / "w.safetensors")
     path = tmp_path / "stage" / "w.safetensors"
-    path.write_bytes(path.read_bytes()[:40]) if damage == "truncated" else path.unlink()
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:40])
+    else:
+        path.unlink()
     with pytest.raises(weights.WeightFileError) as e:
         w2s.load_model_state(torch.nn.Linear(2, 3), path)
     assert str(e.value).startswith(f"{path}: ") and "download" not in str(e.value)
