@@ -996,8 +996,10 @@ def run(args) -> dict:
     table = markdown_table(rows) + "\n\n" + FLOOR_LEGEND
     teacher_line = f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f}\n" if teacher else "\n"
     with weights.atomic_write(out / "results.md") as f:
+        changed = changed_settings(args, a, t, u)                # e.g. gamma0.1: what differs from the preset
         f.write((f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}"
-                 f"{'' if u.seed == a.seed else f', unlearning seed {u.seed}'}\n\n{table}\n{teacher_line}").encode())
+                 f"{'' if u.seed == a.seed else f', unlearning seed {u.seed}'}"
+                 f"{'' if not changed else '; changed: ' + ', '.join(changed)}\n\n{table}\n{teacher_line}").encode())
     print("\n" + table + teacher_line + f"results: {out / 'results.json'}")
     return result
 

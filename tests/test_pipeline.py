@@ -269,6 +269,8 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
         assert key in saved
     report = (tmp_path / "run" / "results.md").read_text()
     assert report.startswith("# badnet") and "| model | CA | ASR | floor | seconds |" in report
+    header = report.splitlines()[0]               # what differs from the quick preset, as the run folder names it
+    assert "; changed: student-" in header and "attack-epochs8.0" in header and "clean-size32" in header
     assert w2s.FLOOR_LEGEND in report
     stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert [d.split("-")[0] for d in stage_dirs] == ["attack", "lora", "teacher", "w2sdefense"]
