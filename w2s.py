@@ -422,9 +422,10 @@ def read_stage_tensors(path: Path) -> dict:
     try:
         return weights.read_safetensors(path)
     except weights.WeightFileError as e:
-        what = str(e).rsplit("; ", 1)[0]
-        raise weights.WeightFileError(f"{what}; it is a stage's file: delete the folder {path.parent} and rerun "
-                                      f"to make it again") from None
+        if e.what is None:
+            raise
+        raise weights.WeightFileError(f"{path}: {e.what}; it is a stage's file: delete the folder {path.parent} and "
+                                      f"rerun to make it again") from None
 
 
 def load_model_state(model, path: Path):

@@ -56,7 +56,9 @@ __all__ = [
 
 
 class WeightFileError(ValueError):
-    """A weight file is missing, truncated or malformed. The message is one line naming the file."""
+    """A weight file is missing, truncated or malformed. The message is one line naming the file. ``what`` holds
+    the problem alone, without the advice after it (set by ``_fail``; None for the other messages)."""
+    what: str | None = None
 
 
 class DownloadError(RuntimeError):
@@ -69,7 +71,9 @@ class UnknownModelError(ValueError):
 
 def _fail(path: str | os.PathLike, what: str, todo: str) -> WeightFileError:
     """Build the one-line error every reader raises: '<file>: <what is wrong>; <what to do>'."""
-    return WeightFileError(f"{path}: {what}; {todo}".replace("\n", " "))
+    error = WeightFileError(f"{path}: {what}; {todo}".replace("\n", " "))
+    error.what = what.replace("\n", " ")
+    return error
 
 
 def _check_exists(path: Path, kind: str) -> None:
