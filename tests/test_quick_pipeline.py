@@ -33,4 +33,4 @@ def test_quick_pipeline_plants_the_backdoor_and_w2sdefense_removes_it(quick_stag
     recorded = json.loads((Path(__file__).resolve().parent / "fixtures" / "quick.json").read_text())
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in result["rows"]] == recorded["rows"]
     assert result["teacher_ca"] == recorded["teacher_ca"]
-    assert sorted(p.name for p in quick_stages.iterdir()) == recorded["stages"]
+    assert set(recorded["stages"]) <= {p.name for p in quick_stages.iterdir()}    # the notebooks add bf16 stages
