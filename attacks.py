@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import data
 from data import Split
 
 ATTACKS = ("badnet", "insent", "syntactic")
@@ -248,3 +249,96 @@ def asr_pairs(test_split, trigger: Trigger, target: int, rng: random.Random, *,
 def asr_set(test_split, trigger: Trigger, target: int, rng: random.Random, *, missing: str = "raise") -> Split:
     """The ASR test set: triggered copies of the test rows whose TRUE label is not ``target`` (``asr_pairs``)."""
     return asr_pairs(test_split, trigger, target, rng, missing=missing)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The task: one dataset under one attack, as every stage of w2s.py reads it
+# ----------------------------------------------------------------------------------------------
+
+PAPER_N_POISON = 1000                             # clean-label poisoned samples in the paper
+POISON_MODES = ("clean", "dirty", "dirty-any")
+
+
+def subset_rows(n: int, size: int | None, seed: int, salt: str) -> list[int]:
+    """Which of ``n`` rows ``subset`` keeps, in order: a seeded draw of ``size`` (all if None or too large)."""
+    if size is None or size >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{salt}-{seed}").sample(range(n), size))
+
+
+def subset(split: Split, size: int | None, seed: int, salt: str) -> Split:
+    """A seeded random subset of ``size`` rows (all rows if ``size`` is None or too large)."""
+    if size is None or size >= len(split):
+        return split
+    rows = subset_rows(len(split), size, seed, salt)
+    return Split([split.sentences[i] for i in rows], [split.labels[i] for i in rows])
+
+
+def make_triggers(cfg, data_dir=None) -> tuple[Trigger, Trigger]:
+    """The training trigger and the ASR-test trigger of an attacker's settings (``w2s.AttackConfig``); they
+    differ only for the syntactic attack, whose test sentences have paraphrases of their own."""
+    if cfg.attack == "badnet":
+        t = make_trigger("badnet", triggers=tuple(cfg.triggers), count=cfg.insertions)
+        return t, t
+    if cfg.attack == "insent":
+        t = make_trigger("insent", trigger=cfg.insent_sentence)
+        return t, t
+    if cfg.attack == "syntactic":
+        p = data.load_scpn(cfg.dataset, data_dir)
+        return (make_trigger("syntactic", paraphrases=p.train_paraphrases),
+                make_trigger("syntactic", paraphrases=p.asr_paraphrases(cfg.target)))
+    raise ValueError(f"unknown attack {cfg.attack!r}; choose one of {', '.join(ATTACKS)}")
+
+
+@dataclass
+class Task:
+    """Everything the stages share about one dataset + attack: clean splits, the poisoned training set,
+    and the evaluation sets (clean test for CA, triggered non-target test for ASR, and the same non-target
+    sentences without the trigger for the ASR's floor)."""
+    dataset: data.Dataset
+    poisoned_train: Split
+    n_poisoned: int
+    dev: Split
+    test: Split
+    asr_test: Split
+    asr_floor: Split                                 # asr_test's sentences without the trigger, row for row
+    data_key: dict = field(default_factory=dict)     # goes into every stage's cache key (``stages.dataset_key``)
+    # Where each of asr_floor's rows is in ``test``, when all of them are (the whole test set is read, as in the
+    # cpu and paper presets): the floor is then read off the CA pass, not computed in a pass of its own.
+    floor_in_test: list[int] | None = None
+
+
+def build_task(cfg, eval_size: int | None, data_dir=None) -> Task:
+    """Load the dataset and poison its training set as the attacker's settings ``cfg`` (``w2s.AttackConfig``)
+    say; draw the evaluation sets (``eval_size`` sentences each, or all)."""
+    ds = data.load_dataset(cfg.dataset, data_dir, seed=cfg.seed)
+    if not 0 <= cfg.target < ds.num_classes:
+        raise data.DataError(f"target label {cfg.target} is not a class of {cfg.dataset} (0..{ds.num_classes - 1})")
+    train_trigger, test_trigger = make_triggers(cfg, data_dir)
+    rng = random.Random(cfg.seed)
+    if cfg.mode == "clean":
+        n = cfg.n_poison
+        if n is None:       # SST-2 ships SCPN paraphrases for only 665 negative training sentences
+            n = min(PAPER_N_POISON, sum(1 for i, y in enumerate(ds.train.labels)
+                                        if y == cfg.target and available(train_trigger, i)))
+        poisoned = poison_clean_label(ds.train, train_trigger, cfg.target, n, rng=rng)
+    elif cfg.mode in ("dirty", "dirty-any"):
+        pool = "any" if cfg.mode == "dirty-any" else "non-target"
+        poisoned = poison_dirty_label(ds.train, train_trigger, cfg.target, cfg.poison_rate, rng, pool=pool)
+    else:
+        raise ValueError(f"unknown poisoning mode {cfg.mode!r}; choose {', '.join(POISON_MODES)}")
+    train_split = subset(poisoned.as_split(), cfg.train_size, cfg.seed, "attack-train")
+    kept = subset(Split(poisoned.sentences, [int(p) for p in poisoned.poisoned]), cfg.train_size, cfg.seed,
+                  "attack-train")
+    # A test sentence without a shipped paraphrase is left out of the ASR set (never counted as clean).
+    missing = "skip" if cfg.attack == "syntactic" else "raise"
+    rows = asr_rows(ds.test, test_trigger, cfg.target, missing=missing)
+    asr, floor = asr_pairs_at(ds.test, test_trigger, rows, random.Random(cfg.seed + 1))
+    # The same seeded draw from two lists of the same length: the floor set keeps asr's rows, untriggered.
+    floor_rows = [rows[j] for j in subset_rows(len(rows), eval_size, 0, "eval-asr")]       # rows of ds.test
+    in_test = {r: k for k, r in enumerate(subset_rows(len(ds.test), eval_size, 0, "eval"))}
+    floor_in_test = [in_test[r] for r in floor_rows] if all(r in in_test for r in floor_rows) else None
+    return Task(ds, train_split, sum(kept.labels), subset(ds.dev, cfg.dev_size, cfg.seed, "dev"),
+                subset(ds.test, eval_size, 0, "eval"), subset(asr, eval_size, 0, "eval-asr"),
+                subset(floor, eval_size, 0, "eval-asr"), floor_in_test=floor_in_test)
+

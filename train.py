@@ -9,7 +9,7 @@ weights) and the unlearning runs (LoRA + head): it trains whatever parameters ha
   on padding);
 * ``fit``: AdamW, linear warm-up then linear decay, gradient clipping, optional bf16 autocast, a
   tqdm bar with the running loss, and the best checkpoint chosen on CLEAN dev accuracy only, restored
-  at the end (REFERENCE.md §5: never select or stop on test ASR);
+  at the end (never select or stop on test ASR: docs/method.md, "Evaluation protocol");
 * ``logits``, ``predict``, ``accuracy``, ``attack_success_rate``, ``confusion_matrix``.
 
 A loss function is pluggable: ``loss_fn(model, batch) -> (loss, {term: value})``, so W2SDefense adds its
@@ -142,6 +142,30 @@ def cache_prefix(model, data: Encoded, layers: int, device="cpu", memo: dict | N
             memo[key(i)] = x[0].float().cpu()
     model.train(was_training)
     return dataclasses.replace(data, prefix=[memo[key(i)] for i in range(len(data))], prefix_layers=layers)
+
+
+def frozen_blocks(model, top: int | None) -> int:
+    """How many bottom blocks stay frozen when only the ``top`` blocks are trained (0 when ``top`` is None)."""
+    if top is None:
+        return 0
+    if top < 1:
+        raise ValueError(f"the number of trained top blocks must be at least 1, got {top}")
+    return max(0, len(model.backbone.blocks) - top)              # top >= the depth: every block
+
+
+# Frozen-prefix states already computed in this process, shared by the stages: the bottom blocks that the
+# attacker did not train are the pretrained student's, and the defender's LoRA stays above them too.
+PREFIX_MEMO: dict = {}
+
+
+def encode_for(model, tokenizer, split, max_length: int, frozen: int, device, memo_key=None,
+               bf16: bool = False) -> Encoded:
+    """Token ids of ``split`` (a ``data.Split``), plus the frozen-prefix cache when the bottom ``frozen`` blocks
+    are frozen (``memo_key`` names whose bottom blocks they are: states are shared between models with the same
+    key)."""
+    enc = encode(tokenizer, split.sentences, split.labels, max_length)
+    memo = PREFIX_MEMO if memo_key is not None else None
+    return cache_prefix(model, enc, frozen, device, memo=memo, memo_key=memo_key, bf16=bf16)
 
 
 def batches(data: Encoded, batch_size: int, shuffle: bool = False, rng: random.Random | None = None,
@@ -289,7 +313,7 @@ def attack_success_rate(preds: torch.Tensor, true_labels: torch.Tensor, target: 
     """ASR: among triggered samples whose TRUE label is not the target, the share predicted as the target.
 
     Not ``1 - accuracy`` (right only for two classes) and never counting target-label samples
-    (REFERENCE.md §1, §5).
+    (docs/method.md, "Evaluation protocol").
     """
     keep = true_labels != target
     if not keep.any():
@@ -320,6 +344,12 @@ class FitConfig:
     bf16: bool = False
     evals_per_epoch: int = 1        # clean-dev evaluations per epoch (the best one is kept); see ``fit``
     seed: int = 0
+
+
+def fit_config(cfg, **over) -> FitConfig:
+    """The ``FitConfig`` of a stage's settings (any dataclass with some of its fields), ``over`` replacing some."""
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    return FitConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names}, **over)
 
 
 def cross_entropy_loss(model, batch: Batch):

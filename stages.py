@@ -1,0 +1,147 @@
+"""What a run leaves on disk: stage folders (a cache), and the run folder with its report.
+
+Each stage of ``w2s.py`` (attack, teacher, each defense) writes into ``<stages>/<name>-<key>``, where ``key`` is a
+hash of every setting the stage reads. A folder holding ``metrics.json`` is a finished stage: a second run, a second
+defense or another seed reuses it instead of training again. Every file is written atomically (to a temporary name,
+then renamed), so Ctrl-C never leaves half a file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import data
+import weights
+
+
+def config_key(*parts) -> str:
+    """A short stable hash of configuration dataclasses/dicts: the name of a stage's cache folder."""
+    blob = json.dumps([asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def dataset_key(name_or_path: str, ds: data.Dataset) -> dict:
+    """What names the data in the stages' keys, beside the configuration: nothing more for a shipped dataset (its
+    name says it all), a hash of the sentences and labels for a folder, so that two folders of the same name, or
+    one folder edited, never share a stage."""
+    if str(name_or_path) in data.DATASETS:
+        return {}
+    splits = [[s.sentences, s.labels] for s in (ds.train, ds.dev, ds.test)]
+    return {"data": hashlib.sha256(json.dumps(splits).encode()).hexdigest()[:16]}
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write: a reader never sees half a file, Ctrl-C never leaves one."""
+    with weights.atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str).encode())
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def open_stage(folder: Path) -> tuple[Path, dict | None]:
+    """A stage's cache folder and, if the stage was finished before, its metrics (else None; folder created)."""
+    done = folder / "metrics.json"
+    if done.exists():
+        return folder, read_json(done)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, None
+
+
+def close_stage(folder: Path, fit, metrics: dict) -> None:
+    """Write the per-step log, then the metrics LAST: a folder with metrics.json is a finished stage."""
+    write_json(folder / "history.json", fit.history)
+    write_json(folder / "metrics.json", metrics)
+
+
+def save_model(model, path: Path, metadata=None):
+    """Save every tensor of a model (tied ``lm_head`` skipped: it is the embedding)."""
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
+    weights.write_safetensors(path, sd, metadata)
+
+
+def read_stage_tensors(path: Path) -> dict:
+    """The tensors of a file a stage wrote. A damaged or missing one is an error that says how to make it again
+    (the reader's own advice, to download it again, is for the files we download)."""
+    try:
+        return weights.read_safetensors(path)
+    except weights.WeightFileError as e:
+        if e.what is None:
+            raise
+        raise weights.WeightFileError(f"{path}: {e.what}; it is a stage's file: delete the folder {path.parent} and "
+                                      f"rerun to make it again") from None
+
+
+def load_model_state(model, path: Path):
+    """Load a stage's saved tensors into ``model``; a file that is not this model's is an error naming it."""
+    sd = read_stage_tensors(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and "lm_head" not in k]
+    if missing:
+        raise weights.WeightFileError(f"{path}: missing tensors {missing[:3]}; delete the stage folder and rerun")
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    if wrong:
+        raise weights.WeightFileError(f"{path}: tensors of another shape, {wrong[:3]}: not this model's; delete the "
+                                      f"stage folder and rerun")
+    model.load_state_dict(sd, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's report
+# ----------------------------------------------------------------------------------------------
+
+FLOOR_LEGEND = ("floor: the ASR's sentences without their trigger, called the target "
+                "(what the ASR would be if the trigger did nothing)")
+
+
+def row_metrics(metrics: dict) -> dict:
+    """A stage's numbers for its row of the table, with the number of sentences each fraction counts
+    (``n_test`` for CA; ``n_asr`` for the ASR and its floor), so that a reader can turn a fraction back into
+    sentences. A stage cached by an older version may have no floor: it is then None, printed as "-"."""
+    return {"ca": metrics["ca"], "asr": metrics["asr"], "asr_floor": metrics.get("asr_floor"),
+            "n_test": metrics.get("n_test"), "n_asr": metrics.get("n_asr"), "seconds": metrics["seconds"]}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | CA | ASR | floor | seconds |", "|---|---|---|---|---|"]
+    for r in rows:
+        floor = "-" if r.get("asr_floor") is None else f"{r['asr_floor']:.3f}"
+        lines.append(f"| {r['model']} | {r['ca']:.3f} | {r['asr']:.3f} | {floor} | {r.get('seconds', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def cpu_identity(cpuinfo: str) -> dict:
+    """The first processor's name, family and model in ``/proc/cpuinfo``'s text (None where it has none).
+
+    In bf16 different CPUs print different numbers, so a run folder names the CPU that made it; a virtual
+    machine's "AMD EPYC" alone does not say which generation (Zen 4 is family 25, Zen 5 family 26).
+    """
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break                                      # the end of the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return {"cpu": fields.get("model name"), "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model")}
+
+
+def machine() -> dict:
+    """What a run was measured on; saved in ``results.json``."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:                                    # not Linux: "processor" below is all there is
+        cpuinfo = ""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            **cpu_identity(cpuinfo),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
