@@ -295,12 +295,13 @@ def test_latent_adversarial_lever_adds_one_perturbation_per_class_and_ascends_wi
 
 def test_head_lever_of_the_calibration_script_keeps_resets_or_freezes_the_head():
     import calibrate_w2s
-    import w2s
+    import defenses
+import w2s
     from test_models import tiny_classifier
     for head in ("keep", "fresh", "frozen"):
         clf = tiny_classifier("llama", n_layer=2, num_classes=2, seed=6)
         before = clf.head.weight.detach().clone()
-        w2s.add_lora(clf, w2s.UnlearnConfig(rank=2, lora_alpha=2.0))
+        defenses.add_lora(clf, w2s.UnlearnConfig(rank=2, lora_alpha=2.0))
         calibrate_w2s.prepare_head(clf, head, seed=0)
         assert torch.equal(clf.head.weight, before) == (head != "fresh")
         assert clf.head.weight.requires_grad == (head != "frozen")

@@ -5,15 +5,18 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import attacks
 import data
+import defenses
 import lora
 import losses
 import models
+import stages
 import train
 import w2s
 from conftest import needs_data  # noqa: E402
@@ -53,10 +56,10 @@ def test_machine_names_the_cpu_by_family_and_model():
     two_processors = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
                       "model name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
                       "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: another\nflags\t\t: amx_bf16\n")
-    assert w2s.cpu_identity(two_processors) == {"cpu": "AMD EPYC 9R14 96-Core Processor", "cpu_family": "25",
+    assert stages.cpu_identity(two_processors) == {"cpu": "AMD EPYC 9R14 96-Core Processor", "cpu_family": "25",
                                                 "cpu_model": "17"}
-    assert w2s.cpu_identity("") == {"cpu": None, "cpu_family": None, "cpu_model": None}
-    assert {"cpu", "cpus", "torch", "python"} <= set(w2s.machine())
+    assert stages.cpu_identity("") == {"cpu": None, "cpu_family": None, "cpu_model": None}
+    assert {"cpu", "cpus", "torch", "python"} <= set(stages.machine())
 
 
 @pytest.mark.parametrize("precision, expected", [("fp32", False), ("bf16", True),
@@ -114,17 +117,17 @@ def test_every_preset_can_poison_sst2_with_every_attack(preset, attack, target):
 def test_preset_loss_weights_same_for_every_attack(extra, weights):
     args = w2s.parser().parse_args(["--precision", "fp32", *extra])
     a, _, u, _ = w2s.resolve_configs(args)
-    assert w2s.resolve_weights(u, a.attack, "w2sdefense") == weights
+    assert defenses.DEFENSES["w2sdefense"].loss_weights(SimpleNamespace(attack=a, unlearn=u)) == weights
 
 
 @pytest.mark.parametrize("attack", ["badnet", "insent", "syntactic"])
 @pytest.mark.parametrize("which", ["ours", "authors"])
 def test_control_is_w2sdefense_with_beta_and_gamma_zero(attack, which):
     # the same run but for the teacher's terms: the CE weight is W2SDefense's own (the authors': 5, 3, 1)
-    u = w2s.UnlearnConfig(weights=which)
-    alpha, _, _ = w2s.resolve_weights(u, attack, "w2sdefense")
-    assert w2s.resolve_weights(u, attack, "lora") == (alpha, 0.0, 0.0)
-    assert alpha == (w2s.AUTHORS_WEIGHTS[attack][0] if which == "authors" else u.alpha)
+    ctx = SimpleNamespace(attack=w2s.AttackConfig(attack=attack), unlearn=w2s.UnlearnConfig(weights=which))
+    alpha, _, _ = defenses.DEFENSES["w2sdefense"].loss_weights(ctx)
+    assert defenses.DEFENSES["lora"].loss_weights(ctx) == (alpha, 0.0, 0.0)
+    assert alpha == (defenses.AUTHORS_WEIGHTS[attack][0] if which == "authors" else ctx.unlearn.alpha)
 
 
 @pytest.mark.parametrize("extra, name", [
@@ -197,8 +200,8 @@ def test_lora_targets_must_be_projections_of_the_student(tmp_path):
     model, _ = w2s.student_classifier(str(student), 2, 0)
     cfg = w2s.UnlearnConfig(targets=("q_proj", "gate_proj"))
     with pytest.raises(ValueError, match=r"\['gate_proj'\] are not projections of this student"):
-        w2s.add_lora(model, cfg)
-    w2s.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "fc", "proj")))
+        defenses.add_lora(model, cfg)
+    defenses.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "fc", "proj")))
     wrapped = {name.rsplit(".", 1)[-1] for name, _ in lora.lora_modules(model)}
     assert wrapped == {"q_proj", "fc", "proj"}
 
@@ -233,7 +236,7 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     assert report.startswith("# badnet") and "| model | CA | ASR | floor | seconds |" in report
     header = report.splitlines()[0]               # what differs from the quick preset, as the run folder names it
     assert "; changed: student-" in header and "attack-epochs8.0" in header and "clean-size32" in header
-    assert w2s.FLOOR_LEGEND in report
+    assert stages.FLOOR_LEGEND in report
     stage_dirs = sorted(p.name for p in (tmp_path / "stages").iterdir())
     assert [d.split("-")[0] for d in stage_dirs] == ["attack", "lora", "teacher", "w2sdefense"]
     for d in stage_dirs:                            # every trained stage keeps its clean-dev curve
@@ -394,8 +397,8 @@ def test_calibration_script_moves_each_lines_student_to_the_device(tmp_path, mon
 def test_feature_target_of_the_origin_ablation_by_hand():
     h_s = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
     h_t = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
-    assert w2s.feature_target("w2sdefense", h_t) is h_t
-    origin = w2s.feature_target("w2s-origin", h_t)
+    assert defenses.DEFENSES["w2sdefense"].feature_target(h_t) is h_t
+    origin = defenses.DEFENSES["w2s-origin"].feature_target(h_t)
     assert torch.equal(origin, torch.zeros(2, 2))
     # FA toward the origin = mean ||h_s||^2 = (1 + 4 + 9 + 0) / 2 = 7; toward the teacher: ((1 + 1) + (4 + 1)) / 2
     _, terms = losses.w2s_loss(torch.zeros(2, 2), h_s, torch.tensor([0, 1]), torch.zeros(2, 2), origin, 1, 0, 1)
@@ -452,7 +455,7 @@ def test_sam_defense_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
     folder = next((tmp_path / "stages").glob("sam-w2s-*"))
     history = json.loads(folder.joinpath("history.json").read_text())
     assert all("sharp" in h for h in history) and history[0]["sharp"] > 0
-    assert json.loads(folder.joinpath("metrics.json").read_text())["weights"]["sam"] == w2s.SAM_RHO
+    assert json.loads(folder.joinpath("metrics.json").read_text())["weights"]["sam"] == defenses.SamW2S.rho
 
 
 def test_mix_defense_takes_its_budget_for_the_whole_run_and_the_users_options_win():
@@ -468,7 +471,7 @@ def test_mix_defense_takes_its_budget_for_the_whole_run_and_the_users_options_wi
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_mix_defense_runs_beside_the_control_and_is_w2sdefense_when_nothing_is_mixed(tmp_path, monkeypatch):
     """--defense mix-w2s: the control and the mixed W2SDefense rows; the mixing changes the student before the
-    first step (its first CE differs from W2SDefense's on the same batch); with MIX_KEEP = 1 (nothing mixed) the
+    first step (its first CE differs from W2SDefense's on the same batch); with keep = 1 (nothing mixed) the
     stage is a new one and trains exactly as W2SDefense (quick preset: the same unlearning settings). The attacker
     trains both blocks here and the LoRA sits in the top one, so the frozen bottom block is the poisoned one for
     W2SDefense and a mixed one for mix-w2s: their frozen-prefix states must not be shared (a rerun in a process
@@ -486,11 +489,11 @@ def test_mix_defense_runs_beside_the_control_and_is_w2sdefense_when_nothing_is_m
     assert h_mix[0]["ce"] != pytest.approx(h_w2s[0]["ce"], rel=1e-4)
     import shutil
     shutil.rmtree(next((tmp_path / "stages").glob("mix-w2s-*")))
-    monkeypatch.setattr(w2s, "PREFIX_MEMO", {})
+    monkeypatch.setattr(train, "PREFIX_MEMO", {})
     again = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
     assert again["rows"][2]["ca"] == mixed["rows"][2]["ca"] and again["rows"][2]["asr"] == mixed["rows"][2]["asr"]
     assert history("mix-w2s") == [h_mix]
-    monkeypatch.setattr(w2s, "MIX_KEEP", 1.0)
+    monkeypatch.setattr(defenses.MixW2S, "keep", 1.0)
     unmixed = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
     assert len(history("mix-w2s")) == 2
     assert {k: unmixed["rows"][2][k] for k in ("ca", "asr")} == {k: plain["rows"][2][k] for k in ("ca", "asr")}
@@ -534,7 +537,7 @@ def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     z1, h1 = w2s.teacher_outputs(tcfg, folder, sentences, 2, 32, 16, "cpu")     # computed and cached
     z2, h2 = w2s.teacher_outputs(tcfg, folder, sentences, 2, 32, 16, "cpu")     # read from the cache
     model, tok = w2s.teacher_classifier(tcfg, 2, 32)
-    w2s.load_model_state(model, folder / "teacher.safetensors")
+    stages.load_model_state(model, folder / "teacher.safetensors")
     ids, mask = tok.encode_batch(sentences, max_length=16)
     with torch.no_grad():
         z, h = model.eval()(ids, mask, return_features=True)
@@ -558,8 +561,8 @@ def test_unlearning_step_reaches_the_student_only_never_the_teacher(tmp_path):
     z_t, h_t = w2s.teacher_outputs(tcfg, folder, clean.sentences, 2, 32, 16, "cpu")
     assert not z_t.requires_grad and not h_t.requires_grad and z_t.grad_fn is None and h_t.grad_fn is None
     model, tok = w2s.student_classifier(str(student), 2, 0)
-    w2s.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "v_proj")))
-    loss_fn = w2s.unlearning_loss(0.0, 0.01, 0.05, 2.0, z_t, h_t)
+    defenses.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "v_proj")))
+    loss_fn = defenses.unlearning_loss(0.0, 0.01, 0.05, 2.0, z_t, h_t)
     batch = next(train.batches(train.encode(tok, clean.sentences, clean.labels, 16), 8))
     for _ in range(2):
         model.zero_grad()
@@ -586,27 +589,27 @@ def test_a_dataset_folder_is_named_by_its_contents_in_the_stage_keys(tmp_path):
     sentence, label = lines[1].split("\t")
     (other / "train.tsv").write_text("\n".join([lines[0], f"{sentence}\t{1 - int(label)}", *lines[2:]]) + "\n")
     assert key(ds) != key(other)
-    assert w2s.dataset_key("sst2", None) == {}
+    assert stages.dataset_key("sst2", None) == {}
 
 
 def test_a_stage_file_of_another_model_is_refused_by_name(tmp_path):
     import weights
     weights.write_safetensors(tmp_path / "w.safetensors", {"weight": torch.zeros(4, 2), "bias": torch.zeros(4)})
     with pytest.raises(weights.WeightFileError, match=r"weight \(4, 2\) \(expected \(3, 2\)\)"):
-        w2s.load_model_state(torch.nn.Linear(2, 3), tmp_path / "w.safetensors")
+        stages.load_model_state(torch.nn.Linear(2, 3), tmp_path / "w.safetensors")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_a_damaged_stage_file_says_to_remake_the_stage_not_to_download_it(damage, tmp_path):
     import weights
-    w2s.save_model(torch.nn.Linear(2, 3), tmp_path / "stage" / "w.safetensors")
+    stages.save_model(torch.nn.Linear(2, 3), tmp_path / "stage" / "w.safetensors")
     path = tmp_path / "stage" / "w.safetensors"
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:40])
     else:
         path.unlink()
     with pytest.raises(weights.WeightFileError) as e:
-        w2s.load_model_state(torch.nn.Linear(2, 3), path)
+        stages.load_model_state(torch.nn.Linear(2, 3), path)
     assert str(e.value).startswith(f"{path}: ") and "download" not in str(e.value)
     assert str(e.value).endswith(f"it is a stage's file: delete the folder {path.parent} and rerun to make it again")
 
@@ -774,11 +777,11 @@ def test_dev_pairs_syntactic_trigger_pairs_only_the_paraphrased_rows():
 
 def test_table_prints_a_floor_and_a_dash_for_a_stage_cached_without_one():
     # a stage cached before the floor was measured has none in its metrics.json: its row says so, it does not fail
-    rows = [{"model": "poisoned", **w2s.row_metrics({"ca": 0.9, "asr": 0.95, "seconds": 12.0})},
-            {"model": "w2sdefense", **w2s.row_metrics({"ca": 0.875, "asr": 0.125, "asr_floor": 0.0625,
+    rows = [{"model": "poisoned", **stages.row_metrics({"ca": 0.9, "asr": 0.95, "seconds": 12.0})},
+            {"model": "w2sdefense", **stages.row_metrics({"ca": 0.875, "asr": 0.125, "asr_floor": 0.0625,
                                                         "seconds": 3.4})}]
     assert rows[0]["asr_floor"] is None
-    assert w2s.markdown_table(rows).splitlines()[2:] == ["| poisoned | 0.900 | 0.950 | - | 12 |",
+    assert stages.markdown_table(rows).splitlines()[2:] == ["| poisoned | 0.900 | 0.950 | - | 12 |",
                                                           "| w2sdefense | 0.875 | 0.125 | 0.062 | 3 |"]
 
 

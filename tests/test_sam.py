@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import defenses
 import lora
 import losses
 import sam
@@ -33,7 +34,7 @@ def test_sharpness_aware_loss_takes_the_gradients_of_the_perturbed_weights_and_l
     # respect to each W0 (the same as W0 + dW's); the model's weights are untouched and no hook is left behind;
     # rho = 0 is the plain loss.
     clf = tiny_classifier("llama", n_layer=2, num_classes=2, seed=7)
-    w2s.add_lora(clf, w2s.UnlearnConfig(rank=2, lora_alpha=4.0, lora_dropout=0.0))
+    defenses.add_lora(clf, w2s.UnlearnConfig(rank=2, lora_alpha=4.0, lora_dropout=0.0))
     with torch.no_grad():
         for _, m in lora.lora_modules(clf):
             m.B.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))      # a nonzero dW
