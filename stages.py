@@ -49,11 +49,14 @@ def read_json(path: Path):
 
 
 def open_stage(folder: Path) -> tuple[Path, dict | None]:
-    """A stage's cache folder and, if the stage was finished before, its metrics (else None; folder created)."""
+    """A stage's cache folder and, if the stage was finished before, its metrics (else None; folder created, and
+    emptied of the temporary files a killed run may have left: ``weights.atomic_write``'s ``.<name>.*.tmp``)."""
     done = folder / "metrics.json"
     if done.exists():
         return folder, read_json(done)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     return folder, None
 
 

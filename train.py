@@ -196,6 +196,31 @@ def batches(data: Encoded, batch_size: int, shuffle: bool = False, rng: random.R
 # Metrics
 # ----------------------------------------------------------------------------------------------
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(name: str = "auto") -> str:
+    """``auto`` picks cuda, then mps, then cpu. A device named by hand must exist on this machine: a typo or a GPU
+    that this torch cannot see is an error here, before any work, not a traceback at the first tensor moved."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        missing = "no CUDA GPU that this torch can use"
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        missing = f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    elif device.type == "mps" and not _mps_available():
+        missing = "no Apple GPU (mps) that this torch can use"
+    else:
+        return name
+    raise SystemExit(f"error: --device {name}: this machine has {missing}; use --device auto (here: "
+                     f"{pick_device('auto')}) or cpu")
+
+
 def native_bf16(device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether bf16 matrix products run natively on ``device``, so that bf16 autocast is FASTER than float32:
     a CUDA GPU that supports bf16, or a CPU with AVX-512 BF16 or AMX (read from ``cpuinfo``; False where it

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass, asdict
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 import attacks
+import checks
 import data
 import defenses
 import lora
@@ -39,7 +41,9 @@ import models
 import stages
 import train
 import weights
+from checks import check_configs
 from stages import config_key, open_stage, close_stage, write_json
+from train import pick_device
 
 # ----------------------------------------------------------------------------------------------
 # Settings: one dataclass per stage, presets as named dicts of overrides
@@ -159,33 +163,6 @@ PRESETS = {
 }
 
 DEFENSES = ("none", *defenses.DEFENSES)
-# The students' projections LoRA can wrap: attention, then the MLP (Llama-style gate/up/down; GPT-2's fc/proj).
-LORA_TARGETS = tuple(dict.fromkeys(name for names in models.PROJECTIONS.values() for name in names))
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def pick_device(name: str = "auto") -> str:
-    """``auto`` picks cuda, then mps, then cpu. A device named by hand must exist on this machine: a typo or a GPU
-    that this torch cannot see is an error here, before any work, not a traceback at the first tensor moved."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        missing = "no CUDA GPU that this torch can use"
-    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        missing = f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
-    elif device.type == "mps" and not _mps_available():
-        missing = "no Apple GPU (mps) that this torch can use"
-    else:
-        return name
-    raise SystemExit(f"error: --device {name}: this machine has {missing}; use --device auto (here: "
-                     f"{pick_device('auto')}) or cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,80 +408,6 @@ def _given(args, mapping: dict) -> dict:
     return {field_: getattr(args, opt) for field_, opt in mapping.items() if getattr(args, opt) is not None}
 
 
-def check_configs(a: AttackConfig, t: TeacherConfig, u: UnlearnConfig, defense: str, data_dir) -> None:
-    """Fail before any training on a combination that cannot work."""
-    if a.attack not in attacks.ATTACKS:
-        raise SystemExit(f"error: unknown attack {a.attack!r}; choose one of {', '.join(attacks.ATTACKS)}")
-    if defense not in DEFENSES:
-        raise SystemExit(f"error: unknown defense {defense!r}; choose one of {', '.join(DEFENSES)}")
-    if a.attack == "syntactic" and a.dataset not in data.SCPN:
-        raise SystemExit(f"error: the syntactic attack needs precomputed paraphrases, shipped only for "
-                         f"{', '.join(data.SCPN)}; dataset {a.dataset!r} has none")
-    if a.dataset not in data.DATASETS and not Path(a.dataset).is_dir():
-        raise SystemExit(f"error: unknown dataset {a.dataset!r}; choose one of {', '.join(data.DATASETS)} "
-                         f"or give a folder with train.tsv, dev.tsv, test.tsv")
-    for name, value in (("--rank", u.rank), ("--lora-alpha", u.lora_alpha), ("--epochs", u.epochs),
-                        ("--attack-epochs", a.epochs), ("--teacher-epochs", t.epochs), ("--lr", u.lr),
-                        ("--attack-lr", a.lr), ("--insertions", a.insertions)):
-        if value <= 0:
-            raise SystemExit(f"error: {name} must be positive, got {value}")
-    if u.clean_size is not None and u.clean_size < 1:
-        raise SystemExit(f"error: --clean-size must be at least 1, got {u.clean_size}")
-    if not 0.0 <= a.poison_rate <= 1.0:
-        raise SystemExit(f"error: --poison-rate is a share of the training set, in [0, 1]; got {a.poison_rate}")
-    spec = data.DATASETS.get(a.dataset)
-    if a.target < 0 or (spec is not None and a.target >= spec.num_classes):
-        classes = f"0..{spec.num_classes - 1}" if spec is not None else "0 or more"
-        raise SystemExit(f"error: --target {a.target} is not a class of {a.dataset} ({classes})")
-    for name, value in (("--alpha", u.alpha), ("--beta", u.beta), ("--gamma", u.gamma)):
-        if value < 0:
-            raise SystemExit(f"error: {name} must be >= 0, got {value}")
-    for name, value in (("--attack-layers", a.train_layers), ("--lora-layers", u.lora_layers),
-                        ("--n-poison", a.n_poison)):
-        if value is not None and value < (0 if name == "--n-poison" else 1):
-            raise SystemExit(f"error: {name} must be {'>= 0' if name == '--n-poison' else 'at least 1'}, got {value}")
-    unknown = [name for name in u.targets if name not in LORA_TARGETS]
-    if unknown or not u.targets:
-        raise SystemExit(f"error: --lora-targets {' '.join(u.targets)!r}: choose among {', '.join(LORA_TARGETS)}")
-    if defense == "w2s-origin" and defenses.fa_distance(u) != "l2":
-        raise SystemExit("error: --defense w2s-origin pulls the feature toward the origin, which has no direction; "
-                         "it needs the L2 feature distance (--fa l2)")
-    if u.weights not in ("ours", "authors"):
-        raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
-    for name, value in (("--seed", a.seed), ("--unlearn-seed", u.seed)):
-        if value < 0:                                   # a run folder "...-seed-1" would read as seed 1
-            raise SystemExit(f"error: {name} must be >= 0, got {value}")
-    if not a.triggers:
-        raise SystemExit("error: --triggers needs at least one word")
-    if not a.insent_sentence.strip():
-        raise SystemExit("error: --insent-sentence is empty; give the sentence the InSent attack inserts")
-    try:
-        check_student(a, u)
-        check_teacher(t, defense)
-    except weights.UnknownModelError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def check_student(a: AttackConfig, u: UnlearnConfig) -> None:
-    """One of ``check_configs``'s last two, which read model files: that the student has the projections LoRA is
-    asked to wrap. Reads the metadata only (seconds), so that a wrong ``--lora-targets`` fails before the attack
-    trains (in ``w2s.py`` and the experiments alike), not at the first unlearning stage a quarter of an hour later."""
-    style = models.decoder_style(weights.resolve_student(a.student))
-    if style is None:
-        return
-    missing = [name for name in u.targets if name not in models.PROJECTIONS[style]]
-    if missing:
-        raise SystemExit(f"error: --lora-targets {' '.join(missing)}: not projections of {a.student} "
-                         f"({style} blocks have {', '.join(models.PROJECTIONS[style])})")
-
-
-def check_teacher(t: TeacherConfig, defense: str) -> None:
-    """That the teacher a defense needs is a known name or a model folder, with its files here (or fetched now):
-    otherwise a wrong ``--teacher`` would fail only after the attack has trained. The control alone needs none."""
-    if any(defenses.DEFENSES[row].uses_teacher for row in defenses.rows(defense)):
-        weights.resolve_teacher(t.teacher)
-
-
 def run_name(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) -> str:
     """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0``: what differs from the full default run is
     added to it (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``, then
@@ -574,12 +477,7 @@ def run(args) -> dict:
     stages_dir = Path(args.stages)
     out = Path(args.out or Path("runs") / run_name(args, a, t, u))
     for flag, folder in (("--stages", stages_dir), ("--out", out)):
-        if folder.exists() and not folder.is_dir():
-            raise SystemExit(f"error: {flag} {folder} is a file; it must be a folder (or a path to make one)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot make the run folder {out} (--out): {e.strerror}") from None
+        checks.check_writable(flag, folder)
     torch.manual_seed(a.seed)
     print(f"w2s: attack={a.attack} dataset={a.dataset} defense={args.defense} preset={args.preset} "
           f"seed={a.seed}{'' if u.seed == a.seed else f' unlearn-seed={u.seed}'} device={device}")
@@ -615,14 +513,17 @@ def run(args) -> dict:
               "seed": a.seed, "unlearn_seed": u.seed,
               "config": {"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)},
               "machine": stages.machine(), "device": device}
-    write_json(out / "results.json", result)
     table = stages.markdown_table(rows) + "\n\n" + stages.FLOOR_LEGEND
     teacher_line = f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f}\n" if teacher else "\n"
+    changed = changed_settings(args, a, t, u)                    # e.g. gamma0.1: what differs from the preset
+    title = (f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}"
+             f"{'' if u.seed == a.seed else f', unlearning seed {u.seed}'}"
+             f"{'' if not changed else '; changed: ' + ', '.join(changed)}")
+    # results.json goes first and comes back LAST: where it is, results.md beside it is the same run's report.
+    (out / "results.json").unlink(missing_ok=True)
     with weights.atomic_write(out / "results.md") as f:
-        changed = changed_settings(args, a, t, u)                # e.g. gamma0.1: what differs from the preset
-        f.write((f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}"
-                 f"{'' if u.seed == a.seed else f', unlearning seed {u.seed}'}"
-                 f"{'' if not changed else '; changed: ' + ', '.join(changed)}\n\n{table}\n{teacher_line}").encode())
+        f.write(f"{title}\n\n{table}\n{teacher_line}".encode())
+    write_json(out / "results.json", result)
     print("\n" + table + teacher_line + f"results: {out / 'results.json'}")
     return result
 
@@ -639,31 +540,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu (default): a laptop; paper: the authors' settings, for a GPU")
     p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
     p.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")
-    p.add_argument("--target", type=int, default=None, help="the attacker's target label (default 0)")
+    p.add_argument("--target", type=checks.number(int, 0), default=None, help="the attacker's target label (default 0)")
     p.add_argument("--poison-mode", default=None, choices=attacks.POISON_MODES, help="clean-label (the paper); dirty: non-target rows relabelled; dirty-any: any rows")
-    p.add_argument("--n-poison", type=int, default=None, help="clean-label: how many target-label samples get the trigger")
-    p.add_argument("--poison-rate", type=float, default=None, help="dirty-label: share of the training set poisoned")
+    p.add_argument("--n-poison", type=checks.number(int, 0), default=None, help="clean-label: how many target-label samples get the trigger")
+    p.add_argument("--poison-rate", type=checks.FRACTION, default=None, help="dirty-label: share of the training set poisoned")
     p.add_argument("--triggers", default=None, help="BadNet trigger word(s), space-separated (default 'mn')")
-    p.add_argument("--insertions", type=int, default=None, help="BadNet insertions per sentence")
+    p.add_argument("--insertions", type=checks.COUNT, default=None, help="BadNet insertions per sentence")
     p.add_argument("--insent-sentence", default=None, help="InSent trigger sentence")
-    p.add_argument("--attack-epochs", type=float, default=None, help="epochs of the attacker's full fine-tuning")
-    p.add_argument("--attack-lr", type=float, default=None, help="learning rate of the attacker's fine-tuning")
-    p.add_argument("--attack-layers", type=int, default=None, help="attacker trains only the top k blocks (default: all)")
-    p.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher's fine-tuning")
-    p.add_argument("--alpha", type=float, default=None, help="weight of the cross-entropy term (default 5)")
-    p.add_argument("--beta", type=float, default=None, help="weight of the T^2-scaled KL distillation term (default 0.001)")
-    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-alignment term (default 0.05; 0.02 in quick and in cpu's mix-w2s)")
+    p.add_argument("--attack-epochs", type=checks.EPOCHS, default=None, help="epochs of the attacker's full fine-tuning")
+    p.add_argument("--attack-lr", type=checks.POSITIVE, default=None, help="learning rate of the attacker's fine-tuning")
+    p.add_argument("--attack-layers", type=checks.COUNT, default=None, help="attacker trains only the top k blocks (default: all)")
+    p.add_argument("--teacher-epochs", type=checks.EPOCHS, default=None, help="epochs of the teacher's fine-tuning")
+    p.add_argument("--alpha", type=checks.WEIGHT, default=None, help="weight of the cross-entropy term (default 5)")
+    p.add_argument("--beta", type=checks.WEIGHT, default=None, help="weight of the T^2-scaled KL distillation term (default 0.001)")
+    p.add_argument("--gamma", type=checks.WEIGHT, default=None, help="weight of the feature-alignment term (default 0.05; 0.02 in quick and in cpu's mix-w2s)")
     p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated, default) or the authors' per-attack table (then no --alpha/--beta/--gamma/--fa)")
     p.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES), help="feature distance: l2 (the paper's, default) or normalized (directions only)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank r (preset's: 512 in cpu and paper)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
-    p.add_argument("--lora-layers", type=int, default=None, help="LoRA only in the top k blocks (default: all)")
+    p.add_argument("--rank", type=checks.number(int, 1, checks.MAX_RANK), default=None, help="LoRA rank r (preset's: 512 in cpu and paper)")
+    p.add_argument("--lora-alpha", type=checks.POSITIVE, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--lora-layers", type=checks.COUNT, default=None, help="LoRA only in the top k blocks (default: all)")
     p.add_argument("--lora-targets", default=None, help="projections that get LoRA, space-separated (default 'q_proj v_proj')")
-    p.add_argument("--epochs", type=float, default=None, help="epochs of unlearning (preset's)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of unlearning (preset's)")
-    p.add_argument("--clean-size", type=int, default=None, help="size of the defender's clean subset (preset's: 2000 in cpu, all in paper)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (the unlearning's too, unless --unlearn-seed)")
-    p.add_argument("--unlearn-seed", type=int, default=None, help="seed of the unlearning stages only (defender's "
+    p.add_argument("--epochs", type=checks.EPOCHS, default=None, help="epochs of unlearning (preset's)")
+    p.add_argument("--lr", type=checks.POSITIVE, default=None, help="learning rate of unlearning (preset's)")
+    p.add_argument("--clean-size", type=checks.COUNT, default=None, help="size of the defender's clean subset (preset's: 2000 in cpu, all in paper)")
+    p.add_argument("--seed", type=checks.SEED, default=0, help="seed of every random choice (the unlearning's too, unless --unlearn-seed)")
+    p.add_argument("--unlearn-seed", type=checks.SEED, default=None, help="seed of the unlearning stages only (defender's "
                    "clean subset, batch order, dropout, LoRA init), reusing the cached attack and teacher (default --seed)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -674,18 +575,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt                       # SIGTERM (timeout, a scheduler) ends a run as Ctrl-C does
+
+
 def main(argv=None) -> int:
+    """The command line: every error of ours is one line and exit code 2; an unexpected exception (a bug) keeps
+    its traceback."""
     args = parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)       # progress lines appear as they happen, also in a log
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         run(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept, nothing half-written was left", file=sys.stderr)
         return 130
+    except SystemExit as e:                       # our checks: SystemExit("error: ...")
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        return 2
     except (attacks.AttackError, data.DataError, weights.WeightFileError, weights.DownloadError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
