@@ -1,4 +1,4 @@
-"""The W2SDefense objective, one named function per term (REFERENCE.md §1).
+"""The W2SDefense objective, one named function per term (docs/method.md, "The loss").
 
     L = alpha * CE(z_s, y) + beta * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) ) + gamma * FA
 

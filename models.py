@@ -9,7 +9,7 @@ Three pieces, each readable on its own:
 * ``Bert`` — a BERT-style bidirectional encoder, the small clean teacher.
 * ``Classifier`` — a sequence-classification wrapper around either. A decoder is read at its LAST
   REAL token (so padding never changes a prediction), an encoder at its first token ([CLS]).
-  It also returns the pooled feature, because W2SDefense aligns features (REFERENCE.md §1).
+  It also returns the pooled feature, because W2SDefense aligns features (docs/method.md, "The loss").
 
 The functions at the bottom load open weights into these modules (GGUF for SmolLM2, safetensors for
 GPT-2 and BERT): a short loop with one shape check per tensor, as in nanoGPT. The public entry points
@@ -124,8 +124,8 @@ def attention(q, k, v, mask=None, causal: bool = False):
     Returns (B, nh, T, d).
 
     Why not ``F.scaled_dot_product_attention``: on a CPU at our lengths (20 to 60 tokens) the backward of its
-    flash kernel took a quarter of a bf16 LoRA training step in the profile (RESULTS.md, Throughput); these three
-    small products and a softmax cost much less. The (T, S) score matrix is materialised, which is cheap at
+    flash kernel took a quarter of a bf16 LoRA training step in the profile (experiments/LOG.md, "Throughput");
+    these three small products and a softmax cost much less. The (T, S) score matrix is materialised, which is cheap at
     these lengths; for long sequences a fused kernel, which never forms it, saves memory.
     """
     B, nh, T, d = q.shape
@@ -368,7 +368,7 @@ class Bert(nn.Module):
 def last_real_token(hidden, attention_mask):
     """Pick, per row, the hidden state of the last token whose mask is 1: (B, T, d) -> (B, d).
 
-    Works for left and right padding alike; it never reads a pad token (REFERENCE.md §5).
+    Works for left and right padding alike; it never reads a pad token.
     """
     B, T, _ = hidden.shape
     if attention_mask is None:
@@ -383,7 +383,7 @@ class Classifier(nn.Module):
     * decoder (``GPT``): ``h`` = final hidden state at the last real token (what the head reads);
     * encoder (``Bert``): ``h`` = the [CLS] state, optionally passed through ``proj`` — for the W2S
       teacher, ``proj = Linear(d_teacher -> d_student) + ReLU`` so that ``h_t`` lives in the student's
-      feature space (REFERENCE.md §1).
+      feature space (docs/method.md, "The loss").
 
     ``forward`` returns the logits; ``forward(..., return_features=True)`` returns ``(z, h)``.
     """

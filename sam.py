@@ -13,7 +13,7 @@ Here the moved weights are those the unlearning trains through, each LoRA-wrappe
 ``W0 + dW`` and the head, and the update stays in the adapters and the head, as in W2SDefense. The perturbation
 is added beside each layer's output (``x e^T``) rather than written into its weight: the frozen weights are held
 in bf16 while training (``train.bf16_weights``), where a perturbation this small would round away. rho was chosen
-on the clean dev set with held-out triggers (bench/calibration/README.md, "Sharpness-aware unlearning").
+on the clean dev set with held-out triggers (experiments/calibration/README.md, "Sharpness-aware unlearning").
 """
 
 import contextlib

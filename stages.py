@@ -123,6 +123,32 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Fields that keep their own name in a run folder's; the other attacker's and teacher's fields get "attack-" and
+# "teacher-" before theirs (``--attack-epochs``, ``--teacher-epochs``), the defender's none.
+OWN_NAMES = {"student", "triggers", "insertions", "insent_sentence", "target", "n_poison", "poison_rate", "teacher"}
+
+
+def setting_parts(configs, refs, prefixes, skip=()) -> list[str]:
+    """One run-folder name part per field in which a config differs from its reference (the preset's): a number
+    goes in as it is (``gamma0.1``), a short word after a dash (``student-gpt2``), anything else (an InSent
+    sentence, a path) as eight hex digits of its hash, so that a folder name stays a short, safe file name."""
+    parts = []
+    for cfg, ref, prefix in zip(configs, refs, prefixes):
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name in skip or value == getattr(ref, f.name):
+                continue
+            label = ("" if f.name in OWN_NAMES else prefix) + f.name.replace("_", "-")
+            text = " ".join(value) if isinstance(value, (tuple, list)) else str(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                parts.append(f"{label}{text}")
+            elif text and len(text) <= 24 and all(c.isalnum() or c in "._+-" for c in text):
+                parts.append(f"{label}-{text}")
+            else:
+                parts.append(f"{label}-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+    return parts
+
+
 def cpu_identity(cpuinfo: str) -> dict:
     """The first processor's name, family and model in ``/proc/cpuinfo``'s text (None where it has none).
 

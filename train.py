@@ -115,10 +115,9 @@ def cache_prefix(model, data: Encoded, layers: int, device="cpu", memo: dict | N
 
     Each sentence is run alone, unpadded, so that its states depend on the sentence only. In a batch they would
     also depend on its batch-mates: the padded length and the number of rows change which matrix-product
-    kernel runs, and so the rounding (in bf16, 81 of 300 sentences came out different with other batch-mates;
-    bench/prefix_invariance.py). A run whose attack stage is cached sees the defender's sentences in other
-    company than a first run does, and gave other last digits. Alone is three to four times slower (about 30 ms
-    a sentence for the quick preset's 24 blocks on 2 cores), and the same bits every time.
+    kernel runs, and so the rounding (experiments/prefix_invariance.py measures it): a run whose attack stage is
+    cached would see the defender's sentences in other company than a first run does, and give other last digits.
+    Alone is slower, and the same bits every time.
 
     ``memo``: a dict shared between calls whose models have the same first ``layers`` blocks (name them by
     ``memo_key``); a sentence seen before is looked up, not recomputed.

@@ -152,7 +152,7 @@ PRESETS = {
         "unlearn": dict(lr=2e-4, rank=512, lora_alpha=512),
         "eval_size": None,
     },
-    # The authors' settings, for a GPU (docs/method.md, "The authors' settings").
+    # The authors' settings, for a GPU (docs/method.md, "The authors' code").
     "paper": {
         "attack": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32, freeze_embeddings=False),
         "teacher": dict(epochs=5.0, lr=2e-5, max_length=128, batch_size=32),
@@ -434,15 +434,9 @@ def nothing_poisoned(a: AttackConfig) -> bool:
     return a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0
 
 
-# Fields that keep their own name in a run folder's; the other attacker's and teacher's fields get "attack-" and
-# "teacher-" before theirs (``--attack-epochs``, ``--teacher-epochs``), the defender's none.
-OWN_NAMES = {"student", "triggers", "insertions", "insent_sentence", "target", "n_poison", "poison_rate", "teacher"}
-
-
 def changed_settings(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) -> list[str]:
     """The settings not already in ``run_name``'s parts in which this run differs from the same command without its
-    other options, one name part each: ``gamma0.1``, ``attack-epochs2.0``, ``student-gpt2``, ``fp32``. A value that
-    is not a short word or number goes in as eight hex digits of its hash (an InSent sentence, a path)."""
+    other options, one name part each: ``gamma0.1``, ``attack-epochs2.0``, ``student-gpt2``, ``fp32``."""
     plain = parser().parse_args(["--attack", a.attack, "--dataset", a.dataset, "--preset", args.preset,
                                  "--defense", args.defense, "--seed", str(a.seed), "--unlearn-seed", str(u.seed),
                                  "--device", args.device, "--poison-mode", a.mode, "--weights", u.weights,
@@ -451,20 +445,7 @@ def changed_settings(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) 
     named = {"attack", "dataset", "seed", "mode", "weights", "targets", "bf16"}   # run_name's parts; bf16 below
     if nothing_poisoned(a):
         named |= {"n_poison", "poison_rate"}                                             # said by "clean"
-    parts = []
-    for cfg, ref, prefix in zip((a, t, u), refs, ("attack-", "teacher-", "")):
-        for f in dataclasses.fields(cfg):
-            value = getattr(cfg, f.name)
-            if f.name in named or value == getattr(ref, f.name):
-                continue
-            label = ("" if f.name in OWN_NAMES else prefix) + f.name.replace("_", "-")
-            text = " ".join(value) if isinstance(value, (tuple, list)) else str(value)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                parts.append(f"{label}{text}")
-            elif text and len(text) <= 24 and all(c.isalnum() or c in "._+-" for c in text):
-                parts.append(f"{label}-{text}")
-            else:
-                parts.append(f"{label}-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+    parts = stages.setting_parts((a, t, u), refs, ("attack-", "teacher-", ""), skip=named)
     if u.bf16 != refs[2].bf16:
         parts.append("bf16" if u.bf16 else "fp32")
     return parts
