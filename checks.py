@@ -80,16 +80,19 @@ def check_numbers(a, t, u) -> None:
 
 
 def check_writable(flag: str, folder: Path) -> None:
-    """``folder`` is, or is made, a folder we can write in: tried with a probe file before any work (permission
-    bits alone do not say it: root ignores them, a read-only file system does not)."""
+    """``folder`` is a folder we can write in, or one we can make: tried with a probe file in it, or in its nearest
+    existing parent, before any work (permission bits alone do not say it: root ignores them, a read-only file
+    system does not). Nothing is left behind."""
     if folder.exists() and not folder.is_dir():
         raise SystemExit(f"error: {flag} {folder} is a file; it must be a folder (or a path to make one)")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise SystemExit(f"error: {flag} {folder}: cannot write there ({e.strerror or e})") from None
+        raise SystemExit(f"error: {flag} {folder}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
