@@ -1,12 +1,12 @@
 """Where a backdoor lives: blocks of the poisoned student set back to the pretrained ones, no training (dev only).
 
-    .venv/bin/python bench/block_reset.py --preset cpu --seed 2 --triggers tq          # w2s.py's options
-    .venv/bin/python bench/block_reset.py --preset cpu --seed 3 --attack syntactic --target 1 --groups 0-9 10-19
+    .venv/bin/python experiments/block_reset.py --preset cpu --seed 2 --triggers tq          # w2s.py's options
+    .venv/bin/python experiments/block_reset.py --preset cpu --seed 3 --attack syntactic --target 1 --groups 0-9 10-19
 
 For the poisoned student of a run (from the stage cache, trained if missing, as w2s.py would), each group of
 blocks (``a-b``, 0-based, inclusive; ``emb`` for the token embeddings) is copied back from the pretrained student,
 everything else (the other blocks, the final norm, the head) kept as the attacker left it, and the model is
-measured on the DEV side as bench/calibrate_w2s.py measures a line: CA on its 300 clean dev sentences, ASR on its
+measured on the DEV side as experiments/calibrate_w2s.py measures a line: CA on its 300 clean dev sentences, ASR on its
 150 triggered non-target dev sentences (the syntactic attack: the SCPN paraphrases, ``--target 1``), and the floor
 (the same 150 without the trigger). The test set is never read. Nothing is trained: if a group's reset brings the
 ASR to its floor while the clean accuracy holds, what the attacker wrote into that group is what carries the

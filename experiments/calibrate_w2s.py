@@ -1,6 +1,6 @@
 """Choose W2SDefense's loss weights on the CLEAN dev set, against a trigger that no reported number uses.
 
-    .venv/bin/python bench/calibrate_w2s.py --preset quick --seed 0 --triggers cf \
+    .venv/bin/python experiments/calibrate_w2s.py --preset quick --seed 0 --triggers cf \
         --grid '[{"defense": "none"}, {"defense": "lora"}, {}, {"gamma": 50}, {"fa": "l2", "gamma": 0.01}]'
 
 The attacker's stage (BadNet with the held-out trigger, here `cf`) and the teacher come from the usual stage
@@ -14,7 +14,7 @@ use target 0, so target 1 is a held-out syntactic attack. One JSON line per entr
 "dev_acc", the accuracy on the whole clean dev set of the checkpoint kept (what selected it: an upward-biased but
 larger sample than the 300), beside the poisoned student's own ("poisoned_dev_acc", first line).
 
-Levers that exist only here, as experiments, until one earns its place in w2s.py (bench/calibration/README.md):
+Levers that exist only here, as experiments, until one earns its place in w2s.py (experiments/calibration/README.md):
 ``"head": "fresh"`` re-initialises the classification head (seeded) before unlearning instead of keeping the
 poisoned one, ``"head": "frozen"`` keeps the poisoned head and does not train it (only the LoRA moves);
 ``"fa_tokens": "all"`` pulls the final hidden state of EVERY real token of a sentence toward that
@@ -41,26 +41,26 @@ labels under it (``latent_adversarial``; optional "weight", default alpha, and "
 top k blocks, the share p of MLP units that contribute least to the residual stream over the defender's clean
 sentences (``mlp_contributions``) are removed (``prune_units``); with "defense" "none", the pruning alone;
 ``"mix": k`` moves every backbone weight back toward the pretrained student's before the LoRA goes in,
-``w_pre + k * (w - w_pre)`` (``w2s.interpolate_weights``; Fine-mixing's idea, Zhang et al. 2022, in WiSE-FT's
+``w_pre + k * (w - w_pre)`` (``defenses.interpolate_weights``; Fine-mixing's idea, Zhang et al. 2022, in WiSE-FT's
 deterministic form), the head kept: it assumes the defender has the pretrained weights, which W2SDefense does not;
 ``"fit_threshold": true`` after unlearning moves the decision on the margin ``z_1 - z_0`` to the threshold
 that is most accurate on the clean dev sentences no reading uses (``threshold_rows``, classes weighted back to
 the whole dev set's shares, ``fit_threshold``), and reports that reading too ("threshold"), beside the line's own;
 ``"mix_blocks": {"a-b": k_g, ...}`` (with "mix") gives the blocks a to b (0-based, inclusive) their own factor k_g
 instead (``mix_by_group``; e.g. ``{"0-9": 0.0}`` sets the bottom ten blocks back to the pretrained ones and mixes
-the rest by "mix"), after bench/block_reset.py found where a trigger is carried;
+the rest by "mix"), after experiments/block_reset.py found where a trigger is carried;
 ``"anchor": w`` adds ``w * T^2 * KL(softmax(z_p / T) || softmax(z_s / T))`` to the loss, z_p the POISONED
 student's own logits on the same clean sentence, computed once before any mixing or LoRA (``anchored``): the
 student is held to answer the defender's clean sentences as the poisoned student did, which no trigger is in
 (learning without forgetting's idea, Li & Hoiem 2016), meant to keep the poisoned student's class balance
-through the clean fine-tune (screened with mix-w2s's line at w = 5, it did not: bench/calibration/README.md);
+through the clean fine-tune (screened with mix-w2s's line at w = 5, it did not: experiments/calibration/README.md);
 ``"fst": w`` is Feature Shift Tuning's idea (Min et al., 2023): the head is re-initialised (seeded, as "fresh"),
 and ``w * <D(W), D(W_p)> / ||D(W_p)||^2`` is added to the loss, W the head's weights, W_p the POISONED head's and
 D the rows less their mean row (``head_directions``: the part of the head that the softmax reads), while after
 every optimizer step D(W) is scaled back into the ball of D(W_p)'s norm (``project_head``), so that the term can
 only fall by turning the head away from the poisoned one's decision directions (``feature_shift``): the clean
 sentences must then be separated along other directions of the feature than the poisoned head's (FST's bet: the
-trigger pushes along those; screened at w = 5, it failed its gate: bench/calibration/README.md);
+trigger pushes along those; screened at w = 5, it failed its gate: experiments/calibration/README.md);
 ``"sam": rho`` is FT-SAM's idea (Zhu et al., ICCV 2023: sharpness-aware fine-tuning removes more of a backdoor
 than plain fine-tuning on the same clean data), on the weights this line's training moves: every step first
 finds the gradient G of the loss with respect to each effective weight W (each LoRA-wrapped projection's
@@ -69,7 +69,7 @@ finds the gradient G of the loss with respect to each effective weight W (each L
 that the adapters are trained toward weights around which the clean loss is flat (sam.py; logged: "sharp", the
 loss at ``W + e`` less the loss at W). FT-SAM fine-tunes every weight; the update here stays in the adapters and
 the head, as in the preset. Screened at rho 0.5 and 2.0, rho 2.0 passed its gate and became ``w2s.py --defense
-sam-w2s`` (bench/calibration/README.md, "Sharpness-aware unlearning").
+sam-w2s`` (experiments/calibration/README.md, "Sharpness-aware unlearning").
 
 With --curve, the same two dev measures are also taken at every clean-dev evaluation during training (the
 "curve" field: step, the full dev accuracy that selects checkpoints, dev CA, dev ASR), so that checkpoint rules
@@ -92,6 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attacks  # noqa: E402
 import data  # noqa: E402
+import defenses  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import sam as sharpness  # noqa: E402
@@ -160,29 +161,32 @@ def main(argv=None) -> None:
         if mix_blocks is not None and mix is None:
             raise ValueError("mix_blocks sets some blocks' own mixing factor; it needs mix for the rest")
         cfg = dataclasses.replace(u, **over)
-        if fa_target == "zero" and w2s.fa_distance(cfg) == "normalized":
+        if fa_target == "zero" and defenses.fa_distance(cfg) == "normalized":
             raise ValueError("fa_target 'zero' has no direction for the normalized feature distance; use fa 'l2'")
         start = time.perf_counter()
-        clean = w2s.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")   # the defender's data
+        clean = attacks.subset(task.dataset.train, cfg.clean_size, cfg.seed, "defender-clean")   # the defender's data
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
         z_p = None
         if anchor:                                    # the poisoned student's own answers, before it changes
             model.to(device)
-            z_p = train.logits(model, w2s.encode_for(model, tokenizer, clean, cfg.max_length, 0, device,
-                                                     None, cfg.bf16), device=device, bf16=cfg.bf16)
+            z_p = train.logits(model, train.encode_for(model, tokenizer, clean, cfg.max_length, 0, device,
+                                                       None, cfg.bf16), device=device, bf16=cfg.bf16)
             model.to("cpu")                           # the mixing below works beside the pretrained one on the CPU
         if mix is not None:
             mix_by_group(model.backbone, models.load_student(a.student)[0], mix, mix_blocks or {})
         if prune is not None:
             prune_dormant(model, tokenizer, prune, clean, cfg, device)
-        frozen = w2s.add_lora(model, cfg)
+        frozen = defenses.add_lora(model, cfg)
         w_p = model.head.weight.detach().clone()      # the poisoned head, before any lever changes it
         prepare_head(model, "fresh" if fst else head, cfg.seed)
         model.to(device)
-        memo_key = w2s.prefix_owner(model, frozen, a, attack_folder)
+        # what a defense is handed (defenses.Context), with this line's unlearning settings
+        ctx = w2s.context(a, t, cfg, task, attack_folder, teacher_folder, device)
+        memo_key = defenses.DEFENSES["w2sdefense"].prefix_owner(ctx, model, frozen)
         if mix is not None:                 # mixed bottom blocks are nobody else's: no sharing of their states
             memo_key = (*memo_key, "mix", mix, json.dumps(mix_blocks, sort_keys=True))
-        enc = lambda split: w2s.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key, cfg.bf16)
+        enc = lambda split: train.encode_for(model, tokenizer, split, cfg.max_length, frozen, device, memo_key,
+                                             cfg.bf16)
         e_ca, e_asr, e_floor = enc(dev_ca), enc(dev_asr), enc(dev_floor)
 
         def measure():
@@ -195,14 +199,14 @@ def main(argv=None) -> None:
         on_eval = (lambda step: along.append((step, *measure()))) if args.curve else None
         fit = None
         if defense != "none":
-            al, be, ga = w2s.resolve_weights(cfg, a.attack, defense)
+            al, be, ga = defenses.DEFENSES[defense].loss_weights(ctx)
             if defense == "lora":
-                loss_fn = w2s.unlearning_loss(al, 0.0, 0.0, cfg.T)
+                loss_fn = defenses.unlearning_loss(al, 0.0, 0.0, cfg.T)
             else:
                 z_t, h_t = w2s.teacher_outputs(t, teacher_folder, clean.sentences, task.dataset.num_classes,
                                                model.feature_dim, cfg.max_length, device)
                 h_t = feature_targets(h_t, fa_target, cfg.seed)
-                loss_fn = w2s.unlearning_loss(al, be, ga, cfg.T, z_t, h_t, w2s.fa_distance(cfg))
+                loss_fn = defenses.unlearning_loss(al, be, ga, cfg.T, z_t, h_t, defenses.fa_distance(cfg))
                 if fa_tokens == "all":
                     loss_fn = all_token_loss(al, be, ga, cfg.T, z_t, h_t)
                 if fa_block is not None or gamma_ramp or gamma_decay is not None:
@@ -226,7 +230,7 @@ def main(argv=None) -> None:
             # computed above, on the clean sentences, stay aligned by row.
             trained_on = splice_spans(clean, splice, cfg.seed) if splice else clean
             with projected_head(model.head, w_p.to(device), enabled=bool(fst)):
-                fit = train.fit(model, enc(trained_on), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0),
+                fit = train.fit(model, enc(trained_on), enc(task.dev), train.fit_config(cfg, warmup_ratio=0.0),
                                 loss_fn=loss_fn, device=device, progress=False, on_eval=on_eval)
             if head_refit:
                 refit_head(model, enc(clean), enc(task.dev), head_refit, device, cfg.bf16)
@@ -383,7 +387,7 @@ def block_range(group: str, n_blocks: int) -> list[int]:
 
 
 def mix_by_group(backbone, pretrained, keep: float, groups: dict) -> None:
-    """``w2s.interpolate_weights`` with a factor per group of blocks: block b becomes
+    """``defenses.interpolate_weights`` with a factor per group of blocks: block b becomes
     ``w_pre + k_b (w - w_pre)``, k_b the factor of the group ``"a-b"`` (0-based, inclusive) that holds b, ``keep``
     for the blocks of no group and for everything outside the blocks (embeddings, final norm). In place; with no
     groups it is ``interpolate_weights(backbone, pretrained, keep)`` to the bit."""
@@ -400,7 +404,7 @@ def mix_by_group(backbone, pretrained, keep: float, groups: dict) -> None:
             raise ValueError(f"block group {group!r} overlaps another group")
         own.update({b: float(k) for b in blocks})
     for b, block in enumerate(backbone.blocks):
-        w2s.interpolate_weights(block, pretrained.blocks[b], own.get(b, keep))
+        defenses.interpolate_weights(block, pretrained.blocks[b], own.get(b, keep))
     ref = dict(pretrained.named_parameters())
     with torch.no_grad():
         for name, w in backbone.named_parameters():
@@ -419,9 +423,9 @@ def prepare_head(model, head: str, seed: int) -> None:
         model.head.requires_grad_(False)
 
 
-def dev_ca_set(task: w2s.Task) -> data.Split:
+def dev_ca_set(task: attacks.Task) -> data.Split:
     """The 300 clean dev sentences (seeded) on which the dev CA is measured."""
-    return w2s.subset(task.dataset.dev, 300, 0, "dev-ca")
+    return attacks.subset(task.dataset.dev, 300, 0, "dev-ca")
 
 
 def refuse_syntactic(attack: str, script: str) -> None:
@@ -437,7 +441,7 @@ def dev_trigger(a: w2s.AttackConfig, data_dir, script: str):
     paraphrases of the non-target dev rows (``data.load_scpn_dev``: SST-2 with target 1, HiddenKiller's
     direction, since the dev file paraphrases only negative sentences). Refused before any training."""
     if a.attack != "syntactic":
-        return w2s.make_triggers(a, data_dir)[0]
+        return attacks.make_triggers(a, data_dir)[0]
     try:
         return attacks.make_trigger("syntactic", paraphrases=data.load_scpn_dev(a.dataset, a.target, data_dir))
     except data.DataError as e:
@@ -486,7 +490,8 @@ def dev_asr_size(text: str) -> int | None:
     return int(text)
 
 
-def dev_pairs(task: w2s.Task, trigger, target: int, size: int | None = DEV_ASR_SIZE) -> tuple[data.Split, data.Split]:
+def dev_pairs(task: attacks.Task, trigger, target: int,
+              size: int | None = DEV_ASR_SIZE) -> tuple[data.Split, data.Split]:
     """``size`` non-target dev sentences without the trigger and the same ``size`` with it (None: all of them),
     drawn from the rows the trigger can reach (all of them for an inserted word or sentence; the paraphrased ones
     for the syntactic attack). The share of the first classified as the target is the floor of the dev ASR (a
@@ -496,7 +501,7 @@ def dev_pairs(task: w2s.Task, trigger, target: int, size: int | None = DEV_ASR_S
     dev = task.dataset.dev
     triggered, untriggered = attacks.asr_pairs(dev, trigger, target, random.Random(7), missing="skip")
     # row for row, so the seeded draw picks the same sentences from both
-    return w2s.subset(untriggered, size, 0, "dev-asr"), w2s.subset(triggered, size, 0, "dev-asr")
+    return attacks.subset(untriggered, size, 0, "dev-asr"), attacks.subset(triggered, size, 0, "dev-asr")
 
 
 def all_token_loss(alpha, beta, gamma, T, z_t_all, h_t_all):
@@ -560,7 +565,7 @@ def feature_targets(h_t: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     if kind == "teacher":
         return h_t
     if kind == "zero":
-        return w2s.feature_target("w2s-origin", h_t)
+        return defenses.DEFENSES["w2s-origin"].feature_target(h_t)
     if kind == "shuffled":
         return h_t[torch.randperm(len(h_t), generator=torch.Generator().manual_seed(seed))]
     raise ValueError(f"unknown fa_target {kind!r}; choose one of teacher, zero, shuffled")

@@ -1,6 +1,6 @@
 """Gather the ``results.json`` of several runs into one markdown table, with the mean and sample std over them.
 
-    .venv/bin/python bench/collect_results.py runs/badnet-sst2-cpu-seed0 runs/badnet-sst2-cpu-seed1 ...
+    .venv/bin/python experiments/collect_results.py runs/badnet-sst2-cpu-seed0 runs/badnet-sst2-cpu-seed1 ...
 
 One row per run folder (its seed, CA / ASR of every model it reports, the teacher's CA, its wall seconds), then
 a row of mean ± std (sample standard deviation) over them, and each model's mean change in clean accuracy from

@@ -1,12 +1,12 @@
 """Where the trigger leaves the pooled feature: a dev-set diagnostic of a finished ``w2s.py`` run.
 
-    .venv/bin/python bench/feature_gap.py --attack badnet --seed 2        # the same options as w2s.py
+    .venv/bin/python experiments/feature_gap.py --attack badnet --seed 2        # the same options as w2s.py
 
 W2SDefense pulls the student's pooled feature toward the clean teacher's on clean sentences only. Whether that
 pull reaches the triggered sentences the defender never sees is what decides the ASR. For the poisoned student,
 the control and W2SDefense of a run (its stages are read from the stage cache; a stage that is missing is
 trained, as w2s.py would), this measures on the DEV side (150 non-target dev sentences with the trigger, the
-same 150 without it: the draw of bench/calibrate_w2s.py; the test set is never read):
+same 150 without it: the draw of experiments/calibrate_w2s.py; the test set is never read):
 
 * ``fa_clean`` = mean_i ||h_s(x_i) - h_t(x_i)||^2, the feature term on the clean sentences;
 * ``fa_trig``  = mean_i ||h_s(x~_i) - h_t(x~_i)||^2, the same distance on their triggered copies x~_i;
@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import attacks  # noqa: E402
+import defenses  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
 from calibrate_w2s import dev_pairs, refuse_syntactic  # noqa: E402
@@ -69,7 +71,7 @@ def main(argv=None) -> None:
     task = w2s.build_task(a, eval_size, args.data_dir)
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, _ = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
-    trigger, _ = w2s.make_triggers(a, args.data_dir)
+    trigger, _ = attacks.make_triggers(a, args.data_dir)
     clean, trig = dev_pairs(task, trigger, a.target)
     num_classes, d = task.dataset.num_classes, poisoned["feature_dim"]
     _, t_clean = w2s.teacher_outputs(t, teacher_folder, clean.sentences, num_classes, d, u.max_length, device)
@@ -79,8 +81,10 @@ def main(argv=None) -> None:
         if name == "poisoned":
             model, tokenizer = w2s.load_poisoned(a, attack_folder, num_classes)
         else:
-            folder, _ = w2s.unlearn_stage(name, u, a, attack_folder, t, teacher_folder, task, stages, device)
-            model, tokenizer = w2s.load_unlearned(u, a, attack_folder, folder, num_classes)
+            defense = defenses.DEFENSES[name]
+            ctx = w2s.context(a, t, u, task, attack_folder, teacher_folder, device)
+            folder, _ = w2s.defense_stage(defense, ctx, stages)
+            model, tokenizer = defense.reload(ctx, folder)
         model.to(device)
         e_clean = train.encode(tokenizer, clean.sentences, clean.labels, u.max_length)
         e_trig = train.encode(tokenizer, trig.sentences, trig.labels, u.max_length)

@@ -1,7 +1,7 @@
 """The ASR's floor read off the CA pass, against a pass of its own: the time one evaluation saves, and how far
 the two floors lie apart.
 
-    .venv/bin/python bench/floor_pass.py --attack badnet --seed 0 --data-dir ../shared/data
+    .venv/bin/python experiments/floor_pass.py --attack badnet --seed 0 --data-dir ../shared/data
 
 The poisoned student comes from the usual stage cache (trained first if missing). ``w2s.evaluate`` then reads
 the test sets ``--repeats`` times each way, alternating: as ``w2s.py`` does since the floor is read off the CA

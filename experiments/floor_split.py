@@ -1,8 +1,8 @@
 """Split a defended model's ASR against a clean model's, in sentences: the RESULTS.md tables "gap above the clean
 model = raised floor + trigger effect beyond the clean model's".
 
-    .venv/bin/python bench/floor_split.py --clean bench/amd_2026-12-06/syntactic-clean-seed2 --n-asr 908 \
-        bench/amd_2026-12-06/syntactic-seed2-mix-w2s
+    .venv/bin/python experiments/floor_split.py --clean experiments/runs/amd_2026-12-06/syntactic-clean-seed2 \
+        --n-asr 908 experiments/runs/amd_2026-12-06/syntactic-seed2-mix-w2s
 
 Each run folder holds a ``results.json`` (``w2s.py``'s); the clean one is a run with nothing poisoned
 (``--n-poison 0`` or ``--poison-rate 0``, its row "clean") on the same ASR sentences. Every fraction is turned back

@@ -1,6 +1,6 @@
 """How much the classification head's discriminative direction grows during unlearning.
 
-    .venv/bin/python bench/head_growth.py runs/badnet-sst2-cpu-seed0-defense-w2s-origin ...
+    .venv/bin/python experiments/head_growth.py runs/badnet-sst2-cpu-seed0-defense-w2s-origin ...
 
 For each run folder, the stages behind its rows are found in the stage cache by their metrics (CA, ASR and
 seconds, which together identify a stage), and the head of each unlearned model (saved with its LoRA) is compared

@@ -1,11 +1,11 @@
 """How a trigger moves the poisoned student's residual stream, block by block: a dev-set diagnostic.
 
-    .venv/bin/python bench/latent_shift.py --seed 0 --triggers cf --blocks 4 9 14 19 24   # w2s.py's options
+    .venv/bin/python experiments/latent_shift.py --seed 0 --triggers cf --blocks 4 9 14 19 24   # w2s.py's options
 
 BEEAR (REFERENCE.md §4) rests on one observation: a trigger, whatever its form, shifts a decoder's intermediate
 states in a roughly uniform direction, so one universal perturbation of the residual stream can stand in for it.
 For the poisoned student of a run (from the stage cache, trained if missing, as w2s.py would), this measures on
-the DEV side (150 non-target dev sentences and the same 150 with the trigger: bench/calibrate_w2s.py's draw; the
+the DEV side (150 non-target dev sentences and the same 150 with the trigger: experiments/calibrate_w2s.py's draw; the
 test set is never read), at the last real token (what the head reads, and the one position a clean sentence and
 its triggered copy share), for each block ``b`` (0-based; the residual stream after it, before the final norm):
 
@@ -14,7 +14,8 @@ its triggered copy share), for each block ``b`` (0-based; the residual stream af
 * ``uniformity``: mean_i cos(x_b(x~_i) - x_b(x_i), mean_j (x_b(x~_j) - x_b(x_j))): 1 when every sentence is
   moved the same way, about 0 when the moves point anywhere;
 * ``class_gap``: ||mean of x_b over the clean dev sentences of one class - the same over the other|| (the seeded
-  300 dev sentences of bench/calibrate_w2s.py's dev CA; two classes), for scale: how far apart the clean classes sit.
+  300 dev sentences of experiments/calibrate_w2s.py's dev CA; two classes), for scale: how far apart the clean
+  classes sit.
 
 One JSON line per block.
 """
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import attacks  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
@@ -89,7 +91,7 @@ def main(argv=None) -> None:
     device = w2s.pick_device(args.device)
     task = w2s.build_task(a, eval_size, args.data_dir)
     attack_folder, _ = w2s.attack_stage(a, task, Path(args.stages), device)
-    trigger, _ = w2s.make_triggers(a, args.data_dir)
+    trigger, _ = attacks.make_triggers(a, args.data_dir)
     clean, trig = dev_pairs(task, trigger, a.target)
     model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
     model.to(device).eval()

@@ -6,12 +6,13 @@
 # JSON lines.
 #
 #   PY=.venv/bin/python DATA=../shared/data STAGES=runs/stages RES=runs/screen SEEDS="3 4 5" PARTS=3 \
-#       DEADLINE=3600 ARGS="--preset cpu --attack syntactic --target 1" GRID_FILE=bench/calibration/GRID.json \
-#       bash bench/parallel_screen.sh
+#       DEADLINE=3600 ARGS="--preset cpu --attack syntactic --target 1" GRID_FILE=experiments/calibration/GRID.json \
+#       bash experiments/parallel_screen.sh
 #
-# GRID_FILE holds one JSON list of bench/calibrate_w2s.py grid entries; entry i goes to part i mod PARTS, so put the
-# entries in the order they matter. Output: RES/seedS_p0.jsonl (the poisoned line), RES/seedS_pK.jsonl (part K),
-# RES/seedS_pK.err (their progress and errors). Read a student with bench/screen_gate.py, its files comma-separated.
+# GRID_FILE holds one JSON list of experiments/calibrate_w2s.py grid entries; entry i goes to part i mod PARTS, so put
+# the entries in the order they matter. Output: RES/seedS_p0.jsonl (the poisoned line), RES/seedS_pK.jsonl (part K),
+# RES/seedS_pK.err (their progress and errors). Read a student with experiments/screen_gate.py, its files
+# comma-separated.
 set -u
 PY=${PY:-.venv/bin/python}; DATA=${DATA:-../shared/data}; STAGES=${STAGES:-runs/stages}; RES=${RES:-runs/screen}
 SEEDS=${SEEDS:-3}; PARTS=${PARTS:-3}; DEADLINE=${DEADLINE:-3600}; ARGS=${ARGS:-}; DEVICE=${DEVICE:-auto}
@@ -28,11 +29,11 @@ part_grid() {  # the entries of part $1 of $PARTS, as one JSON list
 one_seed() {
     local s=$1 k
     # shellcheck disable=SC2086
-    timeout "$(left)" "$PY" bench/calibrate_w2s.py $ARGS --seed "$s" --device "$DEVICE" --data-dir "$DATA" \
+    timeout "$(left)" "$PY" experiments/calibrate_w2s.py $ARGS --seed "$s" --device "$DEVICE" --data-dir "$DATA" \
         --stages "$STAGES" --grid '[{"defense": "none"}]' > "$RES/seed${s}_p0.jsonl" 2> "$RES/seed${s}_p0.err" || return
     for k in $(seq 0 $((PARTS - 1))); do
         # shellcheck disable=SC2086
-        timeout "$(left)" "$PY" bench/calibrate_w2s.py $ARGS --seed "$s" --device "$DEVICE" --data-dir "$DATA" \
+        timeout "$(left)" "$PY" experiments/calibrate_w2s.py $ARGS --seed "$s" --device "$DEVICE" --data-dir "$DATA" \
             --stages "$STAGES" --grid "$(part_grid "$k")" > "$RES/seed${s}_p$((k + 1)).jsonl" \
             2> "$RES/seed${s}_p$((k + 1)).err" &
     done

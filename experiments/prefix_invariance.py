@@ -1,6 +1,6 @@
 """Does a sentence's frozen-prefix state depend on the sentences it is batched with?
 
-    .venv/bin/python bench/prefix_invariance.py --threads 2            # bf16 autocast and float32
+    .venv/bin/python experiments/prefix_invariance.py --threads 2            # bf16 autocast and float32
 
 The pretrained default student's residual stream after its bottom 24 blocks (the quick preset's frozen
 prefix), for 600 SST-2 training sentences as the student reads them (max 32 tokens). Computed two ways: in
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
+import weights  # noqa: E402
 
 LAYERS = 24
 
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = w2s.student_classifier(w2s.weights.DEFAULT_STUDENT, 2, seed=0)
+    model, tokenizer = w2s.student_classifier(weights.DEFAULT_STUDENT, 2, seed=0)
     model.eval()
     train_split = data.load_dataset("sst2", args.data_dir).train
     enc = train.encode(tokenizer, train_split.sentences[:600], train_split.labels[:600], 32)

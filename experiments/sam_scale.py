@@ -1,11 +1,12 @@
 """The scale of sam's rho, read on the defender's CLEAN training data only: the first steps of W2SDefense with
 sharpness-aware steps at each rho, and how far the perturbed loss sits above the plain one ("sharp").
 
-    .venv/bin/python bench/sam_scale.py --preset cpu --seed 2 --triggers tq --data-dir ../shared/data --rho 0.1 0.5 2.0
+    .venv/bin/python experiments/sam_scale.py --preset cpu --seed 2 --triggers tq --data-dir ../shared/data \
+        --rho 0.1 0.5 2.0
 
 For each rho (and 0, the plain loss): the mean over the first --steps steps of the loss, its terms and "sharp",
 and the seconds a step (the one clean-dev evaluation at the last step included). No triggered sentence is read,
-so rho can be set here before a screen reads the dev ASR (bench/calibration/README.md, "Sharpness-aware
+so rho can be set here before a screen reads the dev ASR (experiments/calibration/README.md, "Sharpness-aware
 unlearning"). The attack and teacher stages come from the stage cache (or are trained, as in w2s.py).
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import attacks  # noqa: E402
+import defenses  # noqa: E402
 import sam  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
@@ -35,23 +38,25 @@ def main(argv=None) -> None:
     stages = Path(args.stages)
     attack_folder, poisoned = w2s.attack_stage(a, task, stages, device)
     teacher_folder, _ = w2s.teacher_stage(t, task, poisoned["feature_dim"], stages, device)
-    clean = w2s.subset(task.dataset.train, u.clean_size, u.seed, "defender-clean")
+    clean = attacks.subset(task.dataset.train, u.clean_size, u.seed, "defender-clean")
     steps_per_epoch = -(-len(clean) // u.batch_size)
     cfg = dataclasses.replace(u, epochs=args.steps / steps_per_epoch)
-    al, be, ga = w2s.resolve_weights(u, a.attack, "w2sdefense")
+    ctx = w2s.context(a, t, u, task, attack_folder, teacher_folder, device)     # what a defense is handed
+    w2sdefense = defenses.DEFENSES["w2sdefense"]
+    al, be, ga = w2sdefense.loss_weights(ctx)
     z_t, h_t = w2s.teacher_outputs(t, teacher_folder, clean.sentences, task.dataset.num_classes,
                                    poisoned["feature_dim"], u.max_length, device)
     for rho in [0.0, *args.rho]:
         model, tokenizer = w2s.load_poisoned(a, attack_folder, task.dataset.num_classes)
-        frozen = w2s.add_lora(model, u)
+        frozen = defenses.add_lora(model, u)
         model.to(device)
-        key = w2s.prefix_owner(model, frozen, a, attack_folder)
-        enc = lambda split: w2s.encode_for(model, tokenizer, split, u.max_length, frozen, device, key, u.bf16)
-        loss_fn = w2s.unlearning_loss(al, be, ga, u.T, z_t, h_t, w2s.fa_distance(u))
+        key = w2sdefense.prefix_owner(ctx, model, frozen)
+        enc = lambda split: train.encode_for(model, tokenizer, split, u.max_length, frozen, device, key, u.bf16)
+        loss_fn = defenses.unlearning_loss(al, be, ga, u.T, z_t, h_t, defenses.fa_distance(u))
         if rho:
             loss_fn = sam.sharpness_aware(loss_fn, rho)
         start = time.perf_counter()
-        fit = train.fit(model, enc(clean), enc(task.dev), w2s.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
+        fit = train.fit(model, enc(clean), enc(task.dev), train.fit_config(cfg, warmup_ratio=0.0), loss_fn=loss_fn,
                         device=device, progress=False)
         mean = lambda k: sum(r.get(k, 0.0) for r in fit.history) / len(fit.history)
         print(f"rho {rho}: {fit.steps} steps, {(time.perf_counter() - start) / fit.steps:.2f} s a step, "

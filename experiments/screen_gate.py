@@ -1,15 +1,15 @@
 """Read the gate of a calibration screen from its JSON lines: per student, then the mean over a trigger's students.
 
-    .venv/bin/python bench/screen_gate.py bench/calibration/cpu_seed{5,6,7}_cf_mix_g02_screen.jsonl
+    .venv/bin/python experiments/screen_gate.py experiments/calibration/cpu_seed{5,6,7}_cf_mix_g02_screen.jsonl
     # a context line, whose file has no poisoned line: name the student's files together, comma-separated
-    .venv/bin/python bench/screen_gate.py --over '{}' $(for s in 5 6 7; do
-        echo bench/calibration/cpu_seed${s}_cf_mix_g02_screen.jsonl,bench/calibration/cpu_seed${s}_cf_mix_g02_context.jsonl; done)
+    .venv/bin/python experiments/screen_gate.py --over '{}' $(for s in 5 6 7; do
+        f=experiments/calibration/cpu_seed${s}_cf_mix_g02; echo ${f}_screen.jsonl,${f}_context.jsonl; done)
 
-Each argument is one student: one or more output files of bench/calibrate_w2s.py for it, comma-separated, each
-starting with the same header line (with "poisoned_dev_acc", the whole-dev accuracy of the poisoned student). Among
+Each argument is one student: one or more output files of experiments/calibrate_w2s.py for it, comma-separated,
+each starting with the same header line (with "poisoned_dev_acc", the whole-dev accuracy of the poisoned student). Among
 their lines, the ``{"defense": "none"}`` line (its dev ASR tells whether the backdoor was planted), and the line the
 gate reads: the last other line, or the last whose "over" equals --over and whose "defense" equals --defense. The
-gate, as the screens in bench/calibration/README.md write it:
+gate, as the screens in experiments/calibration/README.md write it:
 
 - the mean dev ASR of the line is at most --max-asr, and
 - its mean "dev_acc" (whole dev set) is at most --max-drop points below the mean "poisoned_dev_acc", and
@@ -23,7 +23,8 @@ has a floor) and its whole-dev accuracy. ``--defense none`` reads the ``none`` l
 is the header's), or a clean model's from a file planted with ``--n-poison 0`` (give ``--planted 0`` for those,
 whose dev ASR is low by design):
 
-    .venv/bin/python bench/screen_gate.py --defense none --planted 0 bench/calibration/cpu_seed{6,7,8}_tq_clean444.jsonl
+    .venv/bin/python experiments/screen_gate.py --defense none --planted 0 \
+        experiments/calibration/cpu_seed{6,7,8}_tq_clean444.jsonl
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def read_lines(path: Path) -> list[dict]:
                 raise SystemExit(f"error: {path}, line {number}: not JSON ({e})")
     if not lines or "poisoned_dev_acc" not in lines[0]:
         raise SystemExit(f"error: {path} does not start with a header line holding \"poisoned_dev_acc\" "
-                         "(bench/calibrate_w2s.py's; files written before that measure lack it)")
+                         "(experiments/calibrate_w2s.py's; files written before that measure lack it)")
     return lines
 
 

@@ -1,12 +1,13 @@
-"""How far one student's dev reading moves with the unlearning's seed alone, from bench/calibrate_w2s.py's JSON lines.
+"""How far one student's dev reading moves with the unlearning's seed alone, from experiments/calibrate_w2s.py's JSON
+lines.
 
     M='{"mix": 0.25, "clean_size": null, "evals_per_epoch": 2, "gamma": 0.02, "epochs": 1.0}'
-    .venv/bin/python bench/seed_spread.py --over "$M" $(for s in 6 7 8; do
-        echo bench/calibration/cpu_seed${s}_tq_floor444.jsonl,bench/calibration/cpu_seed${s}_tq_mix_seeds.jsonl; done)
+    .venv/bin/python experiments/seed_spread.py --over "$M" $(for s in 6 7 8; do
+        f=experiments/calibration/cpu_seed${s}_tq; echo ${f}_floor444.jsonl,${f}_mix_seeds.jsonl; done)
 
-Each argument is one student: its files, comma-separated (bench/screen_gate.py's convention). Its readings are the
-trained lines whose "over", less any "seed" key, equals --over: the same line under different unlearning seeds (a line
-without "seed" ran with the student's own). Printed per student: each reading's dev ASR, floor, whole-dev accuracy and
+Each argument is one student: its files, comma-separated (experiments/screen_gate.py's convention). Its readings
+are the trained lines whose "over", less any "seed" key, equals --over: the same line under different unlearning
+seeds (a line without "seed" ran with the student's own). Printed per student: each reading's dev ASR, floor, whole-dev accuracy and
 kept step; then, for each of the three, the pooled within-student standard deviation, the square root of the mean of
 the per-student sample variances (every student needs at least two readings), and that times sqrt(2), the standard
 deviation of the difference between two runs of the same line on one student.

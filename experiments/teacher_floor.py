@@ -1,7 +1,7 @@
 """Each cached teacher's errors by class on the clean dev and test sets: how many positive sentences it calls negative
 (its own floor, for a target of 0) and how many negative ones it calls positive.
 
-    .venv/bin/python bench/teacher_floor.py --data-dir ../shared/data [--stages runs/stages]
+    .venv/bin/python experiments/teacher_floor.py --data-dir ../shared/data [--stages runs/stages]
 
 Reads every ``teacher-*`` stage folder (``w2s.py``'s teacher stage, the cpu preset's teacher settings, SST-2).
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import stages  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
 import weights  # noqa: E402
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
         proj = weights.read_safetensors(folder / "teacher.safetensors", names=["proj.0.weight"])["proj.0.weight"]
         d_student = proj.shape[0]                      # the width of the student it was projected to
         model, tokenizer = w2s.teacher_classifier(t, task.dataset.num_classes, d_student)
-        w2s.load_model_state(model, folder / "teacher.safetensors")
+        stages.load_model_state(model, folder / "teacher.safetensors")
         model.eval()
         out = []
         for name, split in (("dev", task.dev), ("test", task.test)):

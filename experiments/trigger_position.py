@@ -1,7 +1,7 @@
 """Where in a sentence does a BadNet trigger fire? ASR of a poisoned student by trigger position.
 
-    .venv/bin/python bench/trigger_position.py --preset cpu --seed 0            # as w2s.py reads sentences
-    .venv/bin/python bench/trigger_position.py --preset cpu --seed 0 --bare     # no start token, no prefix space
+    .venv/bin/python experiments/trigger_position.py --preset cpu --seed 0            # as w2s.py reads sentences
+    .venv/bin/python experiments/trigger_position.py --preset cpu --seed 0 --bare     # no start token, no prefix space
 
 The attacker's stage comes from the usual stage cache (trained first if missing), with the student reading
 ``<start> sentence`` with a prefix space (w2s.student_classifier), or, with ``--bare``, the bare sentence. The

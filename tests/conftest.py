@@ -8,7 +8,8 @@ import pytest
 
 import data
 
-# The bench scripts are not a package; tests import a few of their functions (calibrate_w2s, feature_gap, ...).
+# The speed benchmarks in bench/ are not a package; test_models tests one of them (matmul_ceiling, with common).
+# The research scripts in experiments/ are tested beside them, in experiments/tests: nothing here imports them.
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
 
 SHIPPED = data.data_dir() / "sst2" / "train.tsv"
