@@ -502,35 +502,57 @@ def test_a_missing_split_file_is_an_error_message_not_a_traceback(tmp_path, caps
     (["--defense", "nope"], "choose one of none, lora, w2sdefense"),
     (["--dataset", "nope"], "choose one of sst2"),
     (["--attack", "syntactic", "--dataset", "agnews"], "paraphrases"),
-    (["--rank", "0"], "--rank must be positive"),
-    (["--gamma", "-1"], "--gamma must be >= 0"),
-    (["--lora-layers", "0"], "--lora-layers must be at least 1"),
+    (["--rank", "0"], "argument --rank: 0 is outside 1 .. 16384"),
+    (["--rank", "1000000000000"], "argument --rank: 1000000000000 is outside 1 .. 16384"),
+    (["--gamma", "-1"], "argument --gamma: -1 is outside 0.0 .. inf"),
+    (["--lora-layers", "0"], "argument --lora-layers: 0 is outside 1 .. inf"),
     (["--lora-targets", "q_proj nope"], "choose among q_proj, k_proj"),
-    (["--attack-layers", "-2"], "--attack-layers must be at least 1"),
+    (["--attack-layers", "-2"], "argument --attack-layers: -2 is outside 1 .. inf"),
     (["--defense", "w2s-origin", "--fa", "normalized"], "needs the L2 feature distance"),
     (["--weights", "authors", "--gamma", "0.1"], "drop --gamma"),
     (["--poison-rate", "0.2"], "clean-label poisoning takes --n-poison"),           # the cpu preset is clean-label
     (["--poison-mode", "dirty", "--n-poison", "10"], "dirty takes --poison-rate"),
-    (["--poison-mode", "dirty", "--poison-rate", "2"], "in [0, 1]"),
+    (["--poison-mode", "dirty", "--poison-rate", "2"], "argument --poison-rate: 2 is outside 0.0 .. 1.0"),
     (["--target", "7"], "--target 7 is not a class of sst2 (0..1)"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--attack-lr=-1e-4"], "--attack-lr must be positive"),
-    (["--insertions", "0"], "--insertions must be positive"),
-    (["--clean-size", "0"], "--clean-size must be at least 1"),
+    (["--lr", "0"], "argument --lr: 0 must be greater than 0.0"),
+    (["--lr", "nan"], "argument --lr: nan is not a finite number"),
+    (["--attack-epochs", "inf"], "argument --attack-epochs: inf is not a finite number"),
+    (["--epochs", "1e9"], "argument --epochs: 1e9 is outside -inf .. 1000.0"),
+    (["--attack-lr=-1e-4"], "argument --attack-lr: -1e-4 must be greater than 0.0"),
+    (["--insertions", "0"], "argument --insertions: 0 is outside 1 .. inf"),
+    (["--insertions", "1000000000"], "--insertions must be at most the attacker's max length (64 tokens)"),
+    (["--clean-size", "0"], "argument --clean-size: 0 is outside 1 .. inf"),
     (["--student", "nope"], "unknown student 'nope'; valid names are smollm2-135m, gpt2"),
     (["--teacher", "nope"], "unknown teacher 'nope'; valid names are minilm-l6, bert-base-uncased"),   # not after the attack
     (["--triggers", ""], "--triggers needs at least one word"),
     (["--attack", "insent", "--insent-sentence", " "], "--insent-sentence is empty"),
-    (["--seed", "-1"], "--seed must be >= 0"),
-    (["--unlearn-seed", "-5"], "--unlearn-seed must be >= 0"),
+    (["--seed", "-1"], "argument --seed: -1 is outside 0 .. 4294967295"),
+    (["--seed", "18446744073709551616"], "argument --seed: 18446744073709551616 is outside 0 .. 4294967295"),
+    (["--unlearn-seed", "-5"], "argument --unlearn-seed: -5 is outside 0 .. 4294967295"),
+    (["--seed", "1.5"], "argument --seed: '1.5' is not an integer"),
     (["--device", "nope"], "--device 'nope' is not a torch device"),
     (["--device", "cuda:99"], "--device cuda:99: this machine has"),      # no machine here has 100 GPUs
 ])
 def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        w2s.run(w2s.parser().parse_args(argv + ["--stages", str(tmp_path / "s"), "--out", str(tmp_path / "o")]))
-    assert message in str(e.value)
+    """One line on stderr and exit code 2, before anything is made: a number out of range as the command line is
+    read (argparse), a combination that cannot work before the attack trains (checks.check_configs)."""
+    try:
+        code = w2s.main(argv + ["--stages", str(tmp_path / "s"), "--out", str(tmp_path / "o")])
+    except SystemExit as e:                                       # argparse's own exit
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--stages", "--out"])
+def test_a_folder_we_cannot_write_in_is_an_error_before_any_work(flag, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    other = "--out" if flag == "--stages" else "--stages"
+    code = w2s.main([flag, str(blocker / "below"), other, str(tmp_path / "other")])
+    assert code == 2 and f"error: {flag} {blocker / 'below'}: cannot write in {blocker}" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "other").exists()
 
 
 def test_the_control_alone_does_not_need_the_teacher():
