@@ -1,16 +1,11 @@
 """Fixtures shared by several test files."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 import data
-
-# The speed benchmarks in bench/ are not a package; test_models tests one of them (matmul_ceiling, with common).
-# The research scripts in experiments/ are tested beside them, in experiments/tests: nothing here imports them.
-sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
 
 SHIPPED = data.data_dir() / "sst2" / "train.tsv"
 needs_data = pytest.mark.skipif(
