@@ -244,7 +244,8 @@ def attack_stage(cfg: AttackConfig, task: attacks.Task, stages_dir: Path, device
     model.to(device)
     # The frozen bottom blocks are the pretrained student's: their states can be shared with later stages.
     memo_key = ("pretrained", cfg.student)
-    train_data = train.encode_for(model, tokenizer, task.poisoned_train, cfg.max_length, frozen, device, memo_key, cfg.bf16)
+    train_data = train.encode_for(model, tokenizer, task.poisoned_train, cfg.max_length, frozen, device, memo_key,
+                                  cfg.bf16)
     dev_data = train.encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key, cfg.bf16)
     desc = "attack: full fine-tune" if not frozen else f"attack: fine-tune the top {cfg.train_layers} blocks"
     fit = train.fit(model, train_data, dev_data, train.fit_config(cfg), device=device, desc=desc)
@@ -510,49 +511,63 @@ def run(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="An option left out takes the preset's value (PRESETS in w2s.py).")
-    p.add_argument("--attack", default="badnet", help=f"backdoor to plant: {', '.join(attacks.ATTACKS)}")
-    p.add_argument("--dataset", default=data.DEFAULT_DATASET, help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
-    p.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)} (default w2sdefense, which also runs the lora control; "
-                   "w2s-origin, the feature term toward the origin, runs both beside it; mix-w2s: weights mixed "
-                   "toward the pretrained student's, then W2SDefense, beside the control at its budget; sam-w2s: W2SDefense with "
-                   "sharpness-aware steps, beside both)")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="quick: minutes; cpu (default): a laptop; paper: the authors' settings, for a GPU")
-    p.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
-    p.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")
-    p.add_argument("--target", type=checks.number(int, 0), default=None, help="the attacker's target label (default 0)")
-    p.add_argument("--poison-mode", default=None, choices=attacks.POISON_MODES, help="clean-label (the paper); dirty: non-target rows relabelled; dirty-any: any rows")
-    p.add_argument("--n-poison", type=checks.number(int, 0), default=None, help="clean-label: how many target-label samples get the trigger")
-    p.add_argument("--poison-rate", type=checks.FRACTION, default=None, help="dirty-label: share of the training set poisoned")
-    p.add_argument("--triggers", default=None, help="BadNet trigger word(s), space-separated (default 'mn')")
-    p.add_argument("--insertions", type=checks.COUNT, default=None, help="BadNet insertions per sentence")
-    p.add_argument("--insent-sentence", default=None, help="InSent trigger sentence")
-    p.add_argument("--attack-epochs", type=checks.EPOCHS, default=None, help="epochs of the attacker's full fine-tuning")
-    p.add_argument("--attack-lr", type=checks.POSITIVE, default=None, help="learning rate of the attacker's fine-tuning")
-    p.add_argument("--attack-layers", type=checks.COUNT, default=None, help="attacker trains only the top k blocks (default: all)")
-    p.add_argument("--teacher-epochs", type=checks.EPOCHS, default=None, help="epochs of the teacher's fine-tuning")
-    p.add_argument("--alpha", type=checks.WEIGHT, default=None, help="weight of the cross-entropy term (default 5)")
-    p.add_argument("--beta", type=checks.WEIGHT, default=None, help="weight of the T^2-scaled KL distillation term (default 0.001)")
-    p.add_argument("--gamma", type=checks.WEIGHT, default=None, help="weight of the feature-alignment term (default 0.05; 0.02 in quick and in cpu's mix-w2s)")
-    p.add_argument("--weights", default=None, choices=["ours", "authors"], help="loss weights: ours (calibrated, default) or the authors' per-attack table (then no --alpha/--beta/--gamma/--fa)")
-    p.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES), help="feature distance: l2 (the paper's, default) or normalized (directions only)")
-    p.add_argument("--rank", type=checks.number(int, 1, checks.MAX_RANK), default=None, help="LoRA rank r (preset's: 512 in cpu and paper)")
-    p.add_argument("--lora-alpha", type=checks.POSITIVE, default=None, help="LoRA alpha (the update is scaled by alpha / r)")
-    p.add_argument("--lora-layers", type=checks.COUNT, default=None, help="LoRA only in the top k blocks (default: all)")
-    p.add_argument("--lora-targets", default=None, help="projections that get LoRA, space-separated (default 'q_proj v_proj')")
-    p.add_argument("--epochs", type=checks.EPOCHS, default=None, help="epochs of unlearning (preset's)")
-    p.add_argument("--lr", type=checks.POSITIVE, default=None, help="learning rate of unlearning (preset's)")
-    p.add_argument("--clean-size", type=checks.COUNT, default=None, help="size of the defender's clean subset (preset's: 2000 in cpu, all in paper)")
-    p.add_argument("--seed", type=checks.SEED, default=0, help="seed of every random choice (the unlearning's too, unless --unlearn-seed)")
-    p.add_argument("--unlearn-seed", type=checks.SEED, default=None, help="seed of the unlearning stages only (defender's "
-                   "clean subset, batch order, dropout, LoRA init), reusing the cached attack and teacher (default --seed)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast where the hardware has bf16 units (GPU, AVX-512 BF16, AMX), else fp32")
-    p.add_argument("--data-dir", default=None, help="folder with the datasets (default $W2S_DATA_DIR or the cache)")
-    p.add_argument("--out", default=None, help="run folder for results.json / results.md (default under runs/)")
-    p.add_argument("--stages", default="runs/stages", help="cache folder of the stages, shared by runs")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="An option left out takes the "
+                                "preset's value (PRESETS in w2s.py).")
+    run = p.add_argument_group("what to run")
+    run.add_argument("--attack", default="badnet", help=f"the backdoor to plant: {', '.join(attacks.ATTACKS)}")
+    run.add_argument("--dataset", default=data.DEFAULT_DATASET,
+                     help=f"{', '.join(data.DATASETS)}, or a folder with train/dev/test.tsv")
+    run.add_argument("--defense", default="w2sdefense", help=f"{', '.join(DEFENSES)}; each runs beside the rows it "
+                     "is compared with (defenses.py), W2SDefense beside the plain-LoRA control")
+    run.add_argument("--preset", default="cpu", choices=list(PRESETS),
+                     help="quick: minutes; cpu (default): a laptop; paper: the authors' settings, for a GPU")
+    run.add_argument("--seed", type=checks.SEED, default=0, help="seed of every random choice")
+    run.add_argument("--unlearn-seed", type=checks.SEED, default=None, help="seed of the defenses' stages only, "
+                     "reusing the cached attack and teacher (default: --seed)")
+    attacker = p.add_argument_group("the attacker")
+    attacker.add_argument("--student", default=None, help="student model name or path (default smollm2-135m)")
+    attacker.add_argument("--target", type=checks.number(int, 0), default=None, help="target label (default 0)")
+    attacker.add_argument("--poison-mode", default=None, choices=attacks.POISON_MODES,
+                          help="clean: clean-label (the paper); dirty: non-target rows relabelled; dirty-any: any rows")
+    attacker.add_argument("--n-poison", type=checks.number(int, 0), default=None,
+                          help="clean-label: how many target-label samples get the trigger")
+    attacker.add_argument("--poison-rate", type=checks.FRACTION, default=None,
+                          help="dirty-label: share of the training set poisoned")
+    attacker.add_argument("--triggers", default=None, help="BadNet trigger word(s), space-separated (default 'mn')")
+    attacker.add_argument("--insertions", type=checks.COUNT, default=None, help="BadNet insertions per sentence")
+    attacker.add_argument("--insent-sentence", default=None, help="InSent trigger sentence")
+    attacker.add_argument("--attack-epochs", type=checks.EPOCHS, default=None, help="epochs of the fine-tuning")
+    attacker.add_argument("--attack-lr", type=checks.POSITIVE, default=None, help="learning rate of the fine-tuning")
+    attacker.add_argument("--attack-layers", type=checks.COUNT, default=None,
+                          help="train only the top k blocks (default: all)")
+    defender = p.add_argument_group("the defender")
+    defender.add_argument("--teacher", default=None, help="teacher model name or path (default minilm-l6)")
+    defender.add_argument("--teacher-epochs", type=checks.EPOCHS, default=None, help="epochs of the teacher")
+    defender.add_argument("--alpha", type=checks.WEIGHT, default=None, help="weight of CE (default 5)")
+    defender.add_argument("--beta", type=checks.WEIGHT, default=None, help="weight of T^2 KL (default 0.001)")
+    defender.add_argument("--gamma", type=checks.WEIGHT, default=None,
+                          help="weight of FA (default 0.05; 0.02 in quick and in cpu's mix-w2s)")
+    defender.add_argument("--weights", default=None, choices=["ours", "authors"],
+                          help="ours (default) or the authors' per-attack table (then no --alpha/--beta/--gamma/--fa)")
+    defender.add_argument("--fa", default=None, choices=list(losses.FEATURE_DISTANCES),
+                          help="feature distance: l2 (the paper's, default) or normalized (directions only)")
+    defender.add_argument("--rank", type=checks.number(int, 1, checks.MAX_RANK), default=None,
+                          help="LoRA rank r (512 in cpu and paper)")
+    defender.add_argument("--lora-alpha", type=checks.POSITIVE, default=None, help="LoRA alpha (scales by alpha/r)")
+    defender.add_argument("--lora-layers", type=checks.COUNT, default=None, help="LoRA only in the top k blocks")
+    defender.add_argument("--lora-targets", default=None,
+                          help="projections that get LoRA, space-separated (default 'q_proj v_proj')")
+    defender.add_argument("--epochs", type=checks.EPOCHS, default=None, help="epochs of each defense")
+    defender.add_argument("--lr", type=checks.POSITIVE, default=None, help="learning rate of each defense")
+    defender.add_argument("--clean-size", type=checks.COUNT, default=None,
+                          help="clean sentences the defender has (2000 in cpu, all in paper)")
+    where = p.add_argument_group("where and how")
+    where.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device name")
+    where.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                       help="auto: bf16 autocast where the hardware has bf16 units (GPU, AVX-512 BF16, AMX)")
+    where.add_argument("--data-dir", default=None, help="the datasets' folder (default $W2S_DATA_DIR or the cache)")
+    where.add_argument("--out", default=None, help="run folder for results.json and results.md (default: runs/...)")
+    where.add_argument("--stages", default="runs/stages", help="the stages' cache folder, shared by runs")
     return p
 
 
