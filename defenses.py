@@ -15,8 +15,8 @@ The pipeline (``w2s.defense_stage``) runs every defense the same way::
 Adding a defense means one class here, registered in ``DEFENSES``, and one test file. The interface is meant for
 more than today's unlearning defenses:
 
-* a defense that trains on the poisoned training set from the pretrained student (MuScleLoRA) overrides ``train``
-  and uses ``ctx.load_pretrained`` and ``ctx.task.poisoned_train``;
+* a defense that trains on the poisoned training set from the pretrained student (MuScleLoRA) overrides ``start``
+  (``ctx.load_pretrained``) and ``train_split`` (``ctx.task.poisoned_train``), or ``train`` whole;
 * a defense that perturbs hidden states inside the model (BEEAR, CROW) overrides ``loss`` or ``train`` and hooks
   the blocks of ``model.backbone``;
 * a test-time input filter (ONION) trains nothing and overrides ``screen``, which rewrites the sentences the model
@@ -68,7 +68,7 @@ class Trained:
     """What ``Defense.train`` returns: the model to test, and how to read it (its frozen prefix) and its log."""
     model: torch.nn.Module
     tokenizer: Any
-    fit: train.FitResult
+    fit: train.FitResult | None                  # None: the defense trained nothing (a test-time filter)
     frozen: int = 0                          # bottom blocks whose states are cached (``train.cache_prefix``)
     memo_key: Any = None                     # whose those blocks are, to share their cached states
 
@@ -177,6 +177,11 @@ class Control(Defense):
         """The model the unlearning begins from: the poisoned student."""
         return ctx.load_poisoned()
 
+    def train_split(self, ctx: Context):
+        """What it trains on: a seeded subset of the CLEAN training set, ``clean_size`` sentences."""
+        u = ctx.unlearn
+        return attacks.subset(ctx.task.dataset.train, u.clean_size, u.seed, "defender-clean")
+
     def prefix_owner(self, ctx: Context, model, frozen: int) -> tuple:
         """Whose bottom ``frozen`` blocks these are, to share cached prefix states: below the blocks the attacker
         trained, the poisoned student is still the pretrained one."""
@@ -194,7 +199,7 @@ class Control(Defense):
         model, tokenizer = self.start(ctx)
         frozen = add_lora(model, u)
         model.to(device)
-        clean = attacks.subset(ctx.task.dataset.train, u.clean_size, u.seed, "defender-clean")
+        clean = self.train_split(ctx)
         memo_key = self.prefix_owner(ctx, model, frozen)
         train_data = train.encode_for(model, tokenizer, clean, u.max_length, frozen, device, memo_key, u.bf16)
         dev_data = train.encode_for(model, tokenizer, ctx.task.dev, u.max_length, frozen, device, memo_key, u.bf16)

@@ -340,7 +340,8 @@ def defense_stage(defense: defenses.Defense, ctx: defenses.Context, stages_dir: 
         return folder, done
     start = time.perf_counter()
     trained = defense.train(ctx)
-    model, fit = trained.model, trained.fit
+    model = trained.model
+    fit = trained.fit or train.FitResult(best_dev_acc=None, best_step=0, steps=0, seconds=0.0)   # trained nothing
     screened = dataclasses.replace(task, test=defense.screen(task.test), asr_test=defense.screen(task.asr_test),
                                    asr_floor=defense.screen(task.asr_floor))
     # Read at the attacker's max length, as the poisoned student's row was: every row of the table reads the same

@@ -4,14 +4,10 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-import defenses
-import lora
-import losses
 import models
 import stages
 import train
@@ -104,29 +100,6 @@ def test_every_preset_can_poison_sst2_with_every_attack(preset, attack, target):
         assert [task.test.labels[k] for k in task.floor_in_test] == task.asr_floor.labels
 
 
-@pytest.mark.parametrize("extra, weights", [
-    (["--attack", "badnet"], (5.0, 0.001, 0.05)),
-    (["--attack", "insent"], (5.0, 0.001, 0.05)),        # one set for every attack: the defender
-    (["--attack", "syntactic"], (5.0, 0.001, 0.05)),     # does not know the trigger
-    (["--attack", "insent", "--alpha", "10", "--gamma", "0.1"], (10.0, 0.001, 0.1)),   # the user's options win
-    (["--attack", "insent", "--weights", "authors"], (3.0, 0.01, 0.001)),            # the authors' table
-])
-def test_preset_loss_weights_same_for_every_attack(extra, weights):
-    args = w2s.parser().parse_args(["--precision", "fp32", *extra])
-    a, _, u, _ = w2s.resolve_configs(args)
-    assert defenses.DEFENSES["w2sdefense"].loss_weights(SimpleNamespace(attack=a, unlearn=u)) == weights
-
-
-@pytest.mark.parametrize("attack", ["badnet", "insent", "syntactic"])
-@pytest.mark.parametrize("which", ["ours", "authors"])
-def test_control_is_w2sdefense_with_beta_and_gamma_zero(attack, which):
-    # the same run but for the teacher's terms: the CE weight is W2SDefense's own (the authors': 5, 3, 1)
-    ctx = SimpleNamespace(attack=w2s.AttackConfig(attack=attack), unlearn=w2s.UnlearnConfig(weights=which))
-    alpha, _, _ = defenses.DEFENSES["w2sdefense"].loss_weights(ctx)
-    assert defenses.DEFENSES["lora"].loss_weights(ctx) == (alpha, 0.0, 0.0)
-    assert alpha == (defenses.AUTHORS_WEIGHTS[attack][0] if which == "authors" else ctx.unlearn.alpha)
-
-
 @pytest.mark.parametrize("extra, name", [
     ([], "badnet-sst2-cpu-seed0"),
     (["--seed", "2", "--attack", "insent"], "insent-sst2-cpu-seed2"),
@@ -192,18 +165,6 @@ def test_length_bucketed_batches_cover_every_row_once():
 # ---------------------------------------------------------------- tiny end-to-end run
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
-def test_lora_targets_must_be_projections_of_the_student(tmp_path):
-    student, _, _ = make_tiny_world(tmp_path)            # GPT-2 style: its MLP is fc / proj, not gate / up / down
-    model, _ = w2s.student_classifier(str(student), 2, 0)
-    cfg = w2s.UnlearnConfig(targets=("q_proj", "gate_proj"))
-    with pytest.raises(ValueError, match=r"\['gate_proj'\] are not projections of this student"):
-        defenses.add_lora(model, cfg)
-    defenses.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "fc", "proj")))
-    wrapped = {name.rsplit(".", 1)[-1] for name, _ in lora.lora_modules(model)}
-    assert wrapped == {"q_proj", "fc", "proj"}
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_lora_targets_the_student_lacks_fail_before_the_attack_trains(tmp_path):
     student, teacher, ds = make_tiny_world(tmp_path)
     assert models.decoder_style(student) == "gpt2"
@@ -256,32 +217,6 @@ def test_tiny_end_to_end_learns_trigger_writes_results_and_reuses_stages(tmp_pat
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
 
 
-def test_feature_target_of_the_origin_ablation_by_hand():
-    h_s = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
-    h_t = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
-    assert defenses.DEFENSES["w2sdefense"].feature_target(h_t) is h_t
-    origin = defenses.DEFENSES["w2s-origin"].feature_target(h_t)
-    assert torch.equal(origin, torch.zeros(2, 2))
-    # FA toward the origin = mean ||h_s||^2 = (1 + 4 + 9 + 0) / 2 = 7; toward the teacher: ((1 + 1) + (4 + 1)) / 2
-    _, terms = losses.w2s_loss(torch.zeros(2, 2), h_s, torch.tensor([0, 1]), torch.zeros(2, 2), origin, 1, 0, 1)
-    assert terms["fa"] == pytest.approx(7.0)
-    _, terms = losses.w2s_loss(torch.zeros(2, 2), h_s, torch.tensor([0, 1]), torch.zeros(2, 2), h_t, 1, 0, 1)
-    assert terms["fa"] == pytest.approx(3.5)
-
-
-def run_beside_w2sdefense(tmp_path, defense: str) -> dict:
-    """The default run, then ``--defense defense`` on the same tiny world: the table gains that one row after the
-    control and W2SDefense, which come from the cache untouched (same rows, no weight file rewritten)."""
-    student, teacher, ds = make_tiny_world(tmp_path)
-    first = w2s.run(tiny_args(tmp_path, student, teacher, ds))
-    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "stages").rglob("*.safetensors")}
-    result = w2s.run(tiny_args(tmp_path, student, teacher, ds, "--defense", defense))
-    assert [r["model"] for r in result["rows"]] == ["poisoned", "lora", "w2sdefense", defense]
-    assert result["rows"][:3] == first["rows"]
-    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
-    return result
-
-
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 def test_a_second_unlearning_seed_reuses_the_attack_and_teacher_and_trains_both_unlearning_stages_again(tmp_path):
     student, teacher, ds = make_tiny_world(tmp_path)
@@ -293,75 +228,6 @@ def test_a_second_unlearning_seed_reuses_the_attack_and_teacher_and_trains_both_
     assert (again["seed"], again["unlearn_seed"], first["unlearn_seed"]) == (0, 5, 0)
     folders = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir())
     assert folders == ["attack", "lora", "lora", "teacher", "w2sdefense", "w2sdefense"]
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
-def test_origin_ablation_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
-    """--defense w2s-origin: the table gains a row, the control and W2SDefense come from the cache untouched, and
-    the ablation is the same run as W2SDefense but for the feature target (its first step, before any update,
-    has the same CE and KL on the same batch; only FA differs)."""
-    run_beside_w2sdefense(tmp_path, "w2s-origin")
-    history = {name: json.loads(next((tmp_path / "stages").glob(f"{name}-*")).joinpath("history.json").read_text())[0]
-               for name in ("w2sdefense", "w2s-origin")}
-    assert history["w2s-origin"]["ce"] == pytest.approx(history["w2sdefense"]["ce"], rel=1e-6)
-    assert history["w2s-origin"]["kd"] == pytest.approx(history["w2sdefense"]["kd"], rel=1e-6)
-    assert history["w2s-origin"]["fa"] != pytest.approx(history["w2sdefense"]["fa"], rel=1e-5)
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
-def test_sam_defense_runs_beside_w2sdefense_and_reuses_its_stages(tmp_path):
-    """--defense sam-w2s: the table gains a row beside the control and W2SDefense (both from the cache, untouched);
-    its stage records rho and logs the sharpness of every step (the perturbed loss less the plain one: an ascent,
-    so positive at the first step, before any update)."""
-    run_beside_w2sdefense(tmp_path, "sam-w2s")
-    folder = next((tmp_path / "stages").glob("sam-w2s-*"))
-    history = json.loads(folder.joinpath("history.json").read_text())
-    assert all("sharp" in h for h in history) and history[0]["sharp"] > 0
-    assert json.loads(folder.joinpath("metrics.json").read_text())["weights"]["sam"] == defenses.SamW2S.rho
-
-
-def test_mix_defense_takes_its_budget_for_the_whole_run_and_the_users_options_win():
-    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--defense", "mix-w2s"]))
-    assert (u.clean_size, u.epochs, u.evals_per_epoch, u.gamma) == (None, 1.0, 2, 0.02)
-    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32", "--defense", "mix-w2s",
-                                                              "--gamma", "0.05", "--clean-size", "500"]))
-    assert (u.clean_size, u.epochs, u.gamma) == (500, 1.0, 0.05)
-    _, _, u, _ = w2s.resolve_configs(w2s.parser().parse_args(["--precision", "fp32"]))
-    assert (u.clean_size, u.epochs, u.gamma) == (2000, 2.0, 0.05)           # other defenses keep the preset's
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
-def test_mix_defense_runs_beside_the_control_and_is_w2sdefense_when_nothing_is_mixed(tmp_path, monkeypatch):
-    """--defense mix-w2s: the control and the mixed W2SDefense rows; the mixing changes the student before the
-    first step (its first CE differs from W2SDefense's on the same batch); with keep = 1 (nothing mixed) the
-    stage is a new one and trains exactly as W2SDefense (quick preset: the same unlearning settings). The attacker
-    trains both blocks here and the LoRA sits in the top one, so the frozen bottom block is the poisoned one for
-    W2SDefense and a mixed one for mix-w2s: their frozen-prefix states must not be shared (a rerun in a process
-    that has computed none of them trains the same)."""
-    student, teacher, ds = make_tiny_world(tmp_path)
-    argv = ("--attack-layers", "2")
-    plain = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv))
-    mixed = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
-    assert [r["model"] for r in mixed["rows"]] == ["poisoned", "lora", "mix-w2s"]
-    assert mixed["rows"][:2] == plain["rows"][:2] and mixed["rows"][2]["weights"]["mix"] == 0.25
-
-    def history(name):
-        return [json.loads(d.joinpath("history.json").read_text()) for d in (tmp_path / "stages").glob(f"{name}-*")]
-    (h_w2s,), (h_mix,) = history("w2sdefense"), history("mix-w2s")
-    assert h_mix[0]["ce"] != pytest.approx(h_w2s[0]["ce"], rel=1e-4)
-    import shutil
-    shutil.rmtree(next((tmp_path / "stages").glob("mix-w2s-*")))
-    monkeypatch.setattr(train, "PREFIX_MEMO", {})
-    again = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
-    assert again["rows"][2]["ca"] == mixed["rows"][2]["ca"] and again["rows"][2]["asr"] == mixed["rows"][2]["asr"]
-    assert history("mix-w2s") == [h_mix]
-    monkeypatch.setattr(defenses.MixW2S, "keep", 1.0)
-    unmixed = w2s.run(tiny_args(tmp_path, student, teacher, ds, *argv, "--defense", "mix-w2s"))
-    assert len(history("mix-w2s")) == 2
-    assert {k: unmixed["rows"][2][k] for k in ("ca", "asr")} == {k: plain["rows"][2][k] for k in ("ca", "asr")}
-    folder = next(d for d in (tmp_path / "stages").glob("mix-w2s-*")
-                  if json.loads(d.joinpath("metrics.json").read_text())["weights"]["mix"] == 1.0)
-    assert json.loads(folder.joinpath("history.json").read_text()) == h_w2s
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
@@ -406,35 +272,6 @@ def test_cached_teacher_outputs_equal_a_fresh_forward(tmp_path):
     torch.testing.assert_close(z1, z, atol=1e-5, rtol=0)
     torch.testing.assert_close(h1, h, atol=1e-5, rtol=0)
     assert torch.equal(z1, z2) and torch.equal(h1, h2)
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
-def test_unlearning_step_reaches_the_student_only_never_the_teacher(tmp_path):
-    """The teacher's outputs are constants of the loss: no graph leads back into the teacher, its saved weights
-    stay byte for byte, and two backward passes in a row work (a graph into the teacher would be freed by the
-    first). The student's LoRA gets a gradient from the teacher's terms alone (alpha = 0)."""
-    student, teacher, ds = make_tiny_world(tmp_path)
-    tcfg = w2s.TeacherConfig(teacher=str(teacher), epochs=1, max_length=16)
-    acfg = w2s.AttackConfig(student=str(student), dataset=str(ds), n_poison=10)
-    task = w2s.build_task(acfg, None)
-    folder, _ = w2s.teacher_stage(tcfg, task, 32, tmp_path / "stages", "cpu")
-    saved = (folder / "teacher.safetensors").read_bytes()
-    clean = task.dataset.train
-    z_t, h_t = w2s.teacher_outputs(tcfg, folder, clean.sentences, 2, 32, 16, "cpu")
-    assert not z_t.requires_grad and not h_t.requires_grad and z_t.grad_fn is None and h_t.grad_fn is None
-    model, tok = w2s.student_classifier(str(student), 2, 0)
-    defenses.add_lora(model, w2s.UnlearnConfig(targets=("q_proj", "v_proj")))
-    loss_fn = defenses.unlearning_loss(0.0, 0.01, 0.05, 2.0, z_t, h_t)
-    batch = next(train.batches(train.encode(tok, clean.sentences, clean.labels, 16), 8))
-    for _ in range(2):
-        model.zero_grad()
-        loss, terms = loss_fn(model, batch)
-        loss.backward()
-    assert terms["kd"] > 0 and terms["fa"] > 0
-    grads = [p.grad for n, p in model.named_parameters() if n.endswith(".B")]         # LoRA's B (A gets none at B = 0)
-    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    assert z_t.grad is None and h_t.grad is None
-    assert (folder / "teacher.safetensors").read_bytes() == saved
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
