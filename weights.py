@@ -34,6 +34,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 import urllib.error
@@ -119,70 +120,144 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }
 _ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}
 _ST_TODO = "the file is truncated, corrupt or not safetensors — delete it and download again"
+_ST_MAX_HEADER = 100_000_000    # the reference reader refuses longer headers
+_ST_MAX_DIMS = 64               # numpy's limit; real tensors have at most a handful
+# How deep JSON arrays/objects and GGUF arrays of arrays may nest. Real files need 3; the bound keeps parsing
+# clear of Python's recursion limit, and below serde_json's 128, where the reference safetensors reader stops.
+_MAX_NESTING = 64
+# A JSON string, or an unterminated one running to the end of the text.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int, int]:
-    """Read and check the JSON header. Returns (header, first data byte, data length in bytes)."""
+def _check_dims(path: Path, what: str, dims: Any, max_elements: int, todo: str) -> None:
+    """Refuse dimensions that are not non-negative integers or that no file of this size could hold. Zero dims
+    count as 1 here: numpy and torch refuse an empty tensor whose other dims multiply past int64."""
+    # bool is an int to Python, not to JSON or GGUF
+    if not (isinstance(dims, (list, tuple)) and all(type(d) is int and d >= 0 for d in dims)):
+        raise _fail(path, f"{what} has invalid shape {dims!r:.100}", todo)
+    if math.prod(d or 1 for d in dims) > max_elements:
+        raise _fail(path, f"{what} has shape {list(dims)}, more elements than a file of this size can hold", todo)
+
+
+def _json_int(text: str) -> int | float:
+    """Read a JSON integer as serde_json (inside the reference reader) does: -0 is a float, 64 bits at most."""
+    if len(text.lstrip("-")) > 20:
+        raise ValueError(f"integer {text[:24]}... is out of range")
+    return -0.0 if text == "-0" else int(text)
+
+
+def _json_float(text: str) -> float:
+    """Read a JSON number with a fraction or exponent, refusing one past the float range, as serde_json does."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} is out of range")
+    return value
+
+
+def _json_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON value")
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object without duplicate keys: with two, which one a reader takes is a guess."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        duplicate = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return obj
+
+
+def _parse_json_header(path: Path, raw: bytes) -> dict[str, Any]:
+    """Parse the header as strictly as the reference reader: UTF-8, bounded nesting, no NaN, no duplicate keys."""
+    try:
+        text = raw.decode("utf-8")
+        codes = np.frombuffer(_JSON_STRING.sub("", text).encode(), dtype=np.uint8)  # brackets in strings don't nest
+        steps = np.isin(codes, list(b"[{")).astype(np.int64) - np.isin(codes, list(b"]}"))
+        if codes.size and np.cumsum(steps).max() > _MAX_NESTING:
+            raise ValueError(f"arrays and objects nest deeper than {_MAX_NESTING}")
+        header = json.loads(text, object_pairs_hook=_json_object, parse_int=_json_int, parse_float=_json_float,
+                            parse_constant=_json_constant)
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) is no UTF-8 text
+    except ValueError as e:  # JSONDecodeError and UnicodeError are ValueErrors
+        raise _fail(path, f"header is not valid JSON ({e})", _ST_TODO) from None
+    if not isinstance(header, dict):
+        raise _fail(path, f"header is a JSON {type(header).__name__}, expected an object", _ST_TODO)
+    return header
+
+
+def _check_safetensors_entry(path: Path, name: str, entry: Any, file_size: int) -> tuple[torch.dtype, list[int], int, int]:
+    """Check one header entry; return (dtype, shape, begin, end) with offsets relative to the data section."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _fail(path, f"tensor '{name}' header entry {entry!r:.100} lacks dtype/shape/data_offsets", _ST_TODO)
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    dtype = _ST_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise _fail(path, f"tensor '{name}' has unknown dtype {dtype_name!r:.40} "
+                          f"(this reader knows {', '.join(_ST_DTYPES)})",
+                    "convert the file to one of those dtypes")
+    if isinstance(shape, list) and len(shape) > _ST_MAX_DIMS:
+        raise _fail(path, f"tensor '{name}' has {len(shape)} dims, more than {_ST_MAX_DIMS}", _ST_TODO)
+    _check_dims(path, f"tensor '{name}'", shape, file_size, _ST_TODO)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise _fail(path, f"tensor '{name}' has invalid data_offsets {offsets!r:.100}", _ST_TODO)
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise _fail(path, f"tensor '{name}' holds {end - begin} bytes but shape {shape} of {dtype_name} "
+                          f"needs {expected}", _ST_TODO)
+    return dtype, shape, begin, end
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]],
+                                                  dict[str, str], int]:
+    """Read and check the header and the layout it describes. Returns ({name: (dtype, shape, begin, end)} with
+    offsets relative to the data section, the metadata, the first data byte)."""
     _check_exists(path, "safetensors")
     file_size = path.stat().st_size
     if file_size < 8:
         raise _fail(path, f"file is {file_size} bytes, shorter than the 8-byte header length", _ST_TODO)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > file_size - 8:
-            raise _fail(path, f"header length {n} runs past the end of the file ({file_size} bytes)", _ST_TODO)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"header is not valid JSON ({e})", _ST_TODO) from None
-    if not isinstance(header, dict):
-        raise _fail(path, f"header is a JSON {type(header).__name__}, expected an object", _ST_TODO)
-    return header, 8 + n, file_size - 8 - n
-
-
-def _check_safetensors_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[torch.dtype, list[int], int, int]:
-    """Check one header entry; return (dtype, shape, begin, end) with offsets relative to the data section."""
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise _fail(path, f"tensor '{name}' header entry {entry!r} lacks dtype/shape/data_offsets", _ST_TODO)
-    dtype = _ST_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise _fail(path, f"tensor '{name}' has unknown dtype {entry['dtype']!r} "
-                          f"(this reader knows {', '.join(_ST_DTYPES)})",
-                    "convert the file to one of those dtypes")
-    shape, offsets = entry["shape"], entry["data_offsets"]
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise _fail(path, f"tensor '{name}' has invalid shape {shape!r}", _ST_TODO)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_len):
-        raise _fail(path, f"tensor '{name}' data_offsets {offsets!r} fall outside the data section "
-                          f"({data_len} bytes)", _ST_TODO)
-    begin, end = offsets
-    expected = math.prod(shape) * dtype.itemsize
-    if end - begin != expected:
-        raise _fail(path, f"tensor '{name}' holds {end - begin} bytes but shape {shape} of {entry['dtype']} "
-                          f"needs {expected}", _ST_TODO)
-    return dtype, shape, begin, end
+        if n > min(file_size - 8, _ST_MAX_HEADER):
+            raise _fail(path, f"header length {n} runs past the end of the file ({file_size} bytes) or past "
+                              f"the {_ST_MAX_HEADER}-byte limit", _ST_TODO)
+        header = _parse_json_header(path, f.read(n))
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _fail(path, f"__metadata__ is {metadata!r:.100}, expected an object of strings", _ST_TODO)
+    entries = {name: _check_safetensors_entry(path, name, entry, file_size) for name, entry in header.items()}
+    # Sorted by offsets, the tensors must tile the data section exactly, as the reference reader demands: a gap,
+    # an overlap or a trailing byte means the header does not describe these bytes.
+    covered, data_len = 0, file_size - 8 - n
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != covered:
+            raise _fail(path, f"tensor '{name}' starts at data byte {begin}, but the tensors before it end at "
+                              f"{covered} (a gap or an overlap)", _ST_TODO)
+        covered = end
+    if covered != data_len:
+        raise _fail(path, f"the tensors cover {covered} bytes of the {data_len}-byte data section", _ST_TODO)
+    return entries, metadata, 8 + n
 
 
 def read_safetensors(path: str | os.PathLike, names=None) -> dict[str, torch.Tensor]:
     """Read every tensor of a .safetensors file (or only those in ``names``), each in its stored dtype and shape.
 
-    Each tensor gets its own freshly allocated buffer, so the tensors are writable and keep no file open.
+    The whole header is checked even when only some tensors are read. Each tensor gets its own freshly allocated
+    buffer, so the tensors are writable and keep no file open.
     """
     path = Path(path)
-    header, data_start, data_len = _read_safetensors_header(path)
+    entries, _, data_start = _read_safetensors_header(path)
     if names is not None:
         names = set(names)
-        absent = sorted(names - header.keys())
+        absent = sorted(names - entries.keys())
         if absent:
             raise _fail(path, f"no tensor named {absent[0]!r}", "is it a checkpoint of the expected kind?")
     tensors: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
-        for name, entry in header.items():
-            if name == "__metadata__" or (names is not None and name not in names):
+        for name, (dtype, shape, begin, end) in entries.items():
+            if names is not None and name not in names:
                 continue
-            dtype, shape, begin, end = _check_safetensors_entry(path, name, entry, data_len)
             if begin == end:  # torch.frombuffer refuses an empty buffer
                 tensors[name] = torch.empty(shape, dtype=dtype)
                 continue
@@ -196,12 +271,7 @@ def read_safetensors(path: str | os.PathLike, names=None) -> dict[str, torch.Ten
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """Return the header's free-form "__metadata__" dict (str -> str), or {} if the file has none."""
-    path = Path(path)
-    header, _, _ = _read_safetensors_header(path)
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict):
-        raise _fail(path, f"__metadata__ is a JSON {type(metadata).__name__}, expected an object", _ST_TODO)
-    return metadata
+    return _read_safetensors_header(Path(path))[1]
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -392,6 +462,9 @@ _GGUF_MAX_DIMS = 4
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                  10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_UINT32 = 4
+# The fewest bytes a value of each type takes: a string is at least its length, an array its item type and count.
+_GGUF_MIN_SIZE = {**{t: struct.calcsize(f) for t, f in _GGUF_SCALARS.items()}, _GGUF_STRING: 8, _GGUF_ARRAY: 12}
 _GGUF_TODO = "the file is truncated, corrupt or not GGUF — delete it and get it again"
 
 
@@ -413,6 +486,15 @@ class _Cursor:
         self.pos += size
         return value
 
+    def count(self, item_size: int, what: str) -> int:
+        """A uint64 count of items of at least `item_size` bytes, refused before anything is built from it when
+        that many items cannot fit in the bytes left."""
+        n = self.unpack("<Q", what)
+        if n * item_size > len(self.buf) - self.pos:
+            raise _fail(self.path, f"{what} is {n}, but the file ends {len(self.buf) - self.pos} bytes later, too "
+                                   f"soon for {n} items of {item_size} or more bytes", _GGUF_TODO)
+        return n
+
     def bytes(self, n: int, what: str) -> memoryview:
         self._need(n, what)
         out = self.buf[self.pos:self.pos + n]
@@ -426,23 +508,28 @@ class _Cursor:
         except UnicodeDecodeError:
             raise _fail(self.path, f"{what} at byte {self.pos - n} is not UTF-8", _GGUF_TODO) from None
 
-    def value(self, vtype: int, key: str) -> Any:
-        """One metadata value of type `vtype` as a python scalar, str or list."""
+    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
+        """One metadata value of type `vtype` as a python scalar, str or (nested) list."""
+        if vtype not in _GGUF_MIN_SIZE:
+            raise _fail(self.path, f"metadata key '{key}' has unknown value type {vtype} (GGUF defines 0..12)",
+                        _GGUF_TODO)
         if vtype in _GGUF_SCALARS:
             return self.unpack(_GGUF_SCALARS[vtype], f"the value of '{key}'")
         if vtype == _GGUF_STRING:
             return self.string(f"the value of '{key}'")
-        if vtype == _GGUF_ARRAY:
-            item_type = self.unpack("<I", f"the item type of '{key}'")
-            count = self.unpack("<Q", f"the length of '{key}'")
-            if item_type in _GGUF_SCALARS:  # numeric arrays in one numpy call: token_type has ~50k items
-                fmt = _GGUF_SCALARS[item_type]
-                dtype = np.dtype(bool) if fmt == "<?" else np.dtype(fmt)
-                raw = self.bytes(count * dtype.itemsize, f"the items of '{key}'")
-                return np.frombuffer(raw, dtype=dtype).tolist()
-            return [self.value(item_type, key) for _ in range(count)]
-        raise _fail(self.path, f"metadata key '{key}' has unknown value type {vtype} (GGUF defines 0..12)",
-                    _GGUF_TODO)
+        if depth == _MAX_NESTING:
+            raise _fail(self.path, f"metadata key '{key}' nests arrays deeper than {_MAX_NESTING}", _GGUF_TODO)
+        item_type = self.unpack("<I", f"the item type of '{key}'")
+        if item_type not in _GGUF_MIN_SIZE:  # checked here too, as an empty array would not reach the check above
+            raise _fail(self.path, f"metadata key '{key}' has unknown item type {item_type} (GGUF defines 0..12)",
+                        _GGUF_TODO)
+        count = self.count(_GGUF_MIN_SIZE[item_type], f"the length of '{key}'")
+        if item_type in _GGUF_SCALARS:  # numeric arrays in one numpy call: token_type has ~50k items
+            fmt = _GGUF_SCALARS[item_type]
+            dtype = np.dtype(bool) if fmt == "<?" else np.dtype(fmt)
+            raw = self.bytes(count * dtype.itemsize, f"the items of '{key}'")
+            return np.frombuffer(raw, dtype=dtype).tolist()
+        return [self.value(item_type, key, depth + 1) for _ in range(count)]
 
 
 @dataclass
@@ -480,12 +567,17 @@ def _read_gguf_kv(path: Path, cur: _Cursor) -> tuple[int, int, dict[str, Any]]:
         raise _fail(path, f"GGUF version {version} is not supported (this reader knows versions "
                           f"{', '.join(map(str, _GGUF_VERSIONS))}, little-endian)",
                     "re-convert the model with a current llama.cpp convert script")
-    tensor_count = cur.unpack("<Q", "the tensor count")
-    kv_count = cur.unpack("<Q", "the metadata count")
+    tensor_count = cur.count(32, "the tensor count")   # a tensor info takes at least 32 bytes
+    kv_count = cur.count(13, "the metadata count")      # a key/value pair at least 13
     metadata: dict[str, Any] = {}
     for i in range(kv_count):
         key = cur.string(f"metadata key {i}")
-        metadata[key] = cur.value(cur.unpack("<I", f"the value type of '{key}'"), key)
+        if key in metadata:
+            raise _fail(path, f"metadata key '{key}' occurs twice", _GGUF_TODO)
+        vtype = cur.unpack("<I", f"the value type of '{key}'")
+        if key == "general.alignment" and vtype != _GGUF_UINT32:  # llama.cpp and gguf read it as a uint32 only
+            raise _fail(path, f"general.alignment has value type {vtype}, expected {_GGUF_UINT32} (uint32)", _GGUF_TODO)
+        metadata[key] = cur.value(vtype, key)
     return version, tensor_count, metadata
 
 
@@ -506,7 +598,7 @@ class _TensorInfo:
     nbytes: int
 
 
-def _read_tensor_info(path: Path, cur: _Cursor, alignment: int) -> _TensorInfo:
+def _read_tensor_info(path: Path, cur: _Cursor) -> _TensorInfo:
     """Parse and check one tensor-info record."""
     name = cur.string("a tensor name")
     n_dims = cur.unpack("<I", f"the n_dims of '{name}'")
@@ -524,9 +616,7 @@ def _read_tensor_info(path: Path, cur: _Cursor, alignment: int) -> _TensorInfo:
     if dims[0] % gtype.block:
         raise _fail(path, f"tensor '{name}' has ne0 = {dims[0]}, not a multiple of the {gtype.name} block "
                           f"size {gtype.block}", _GGUF_TODO)
-    if offset % alignment:
-        raise _fail(path, f"tensor '{name}' offset {offset} is not a multiple of the alignment {alignment}",
-                    _GGUF_TODO)
+    _check_dims(path, f"tensor '{name}'", dims, len(cur.buf) * gtype.block, _GGUF_TODO)
     nbytes = math.prod(dims) // gtype.block * gtype.size
     return _TensorInfo(name, dims, gtype, offset, nbytes)
 
@@ -542,19 +632,33 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     cur = _Cursor(memoryview(buf), path)
     version, tensor_count, metadata = _read_gguf_kv(path, cur)
     alignment = metadata.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
-    if not (isinstance(alignment, int) and alignment > 0):
-        raise _fail(path, f"general.alignment is {alignment!r}, expected a positive integer", _GGUF_TODO)
-    infos = [_read_tensor_info(path, cur, alignment) for _ in range(tensor_count)]
+    if alignment <= 0 or alignment & (alignment - 1):  # ggml pads with a bit mask, which needs a power of two
+        raise _fail(path, f"general.alignment is {alignment}, not a power of two", _GGUF_TODO)
+    infos: dict[str, _TensorInfo] = {}
+    for _ in range(tensor_count):
+        info = _read_tensor_info(path, cur)
+        if info.name in infos:
+            raise _fail(path, f"tensor name '{info.name}' occurs twice", _GGUF_TODO)
+        infos[info.name] = info
     data_start = cur.pos + (-cur.pos % alignment)
+    # llama.cpp's layout rule: each tensor starts where the one before it ends, padded to the alignment. Any
+    # other offset (a gap, an overlap, a misaligned start) means the table does not describe the data.
+    expected = 0
+    for info in infos.values():
+        if info.offset != expected:
+            raise _fail(path, f"tensor '{info.name}' starts at data offset {info.offset}, expected {expected} "
+                              f"(right after the tensor before it, padded to {alignment} bytes)", _GGUF_TODO)
+        expected += info.nbytes + (-info.nbytes % alignment)
     tensors: dict[str, torch.Tensor] = {}
     tensor_types: dict[str, str] = {}
-    for info in infos:
+    for info in infos.values():
         begin = data_start + info.offset
         if begin + info.nbytes > len(buf):
             raise _fail(path, f"tensor '{info.name}' data (bytes {begin}..{begin + info.nbytes}) runs past the "
                               f"end of the file ({len(buf)} bytes)", _GGUF_TODO)
         blocks = buf[begin:begin + info.nbytes].reshape(-1, info.ggml_type.size)   # (n_blocks, type_size)
-        values = info.ggml_type.dequant(blocks)                                     # (n_blocks, block)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf or NaN scales are what the file holds
+            values = info.ggml_type.dequant(blocks)                                 # (n_blocks, block)
         shape = tuple(reversed(info.dims))                                          # torch order
         tensors[info.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
         tensor_types[info.name] = info.ggml_type.name
