@@ -33,7 +33,7 @@ pooled features, keeping the head with the best clean dev accuracy (``refit_head
 into a seeded share f of the defender's clean sentences, a span of 1 to 5 consecutive words of another of them
 (``splice_spans``), keeping the label and, for W2SDefense, the unperturbed sentence's teacher logits and feature
 as the targets: an insertion the defender makes up from clean data alone (not W2SDefense: an augmentation);
-``"latent": {"block": b, "eps": e}`` adds BEEAR's idea (REFERENCE.md §4) without its knowledge of the target:
+``"latent": {"block": b, "eps": e}`` adds BEEAR's idea (docs/method.md, "The other defenses") without its knowledge of the target:
 one universal perturbation per true class, added to the residual stream after block b at every real token, grown
 each step to raise that class's cross-entropy and kept within L2 norm e, while the student learns to keep its
 labels under it (``latent_adversarial``; optional "weight", default alpha, and "step", default e / 4);

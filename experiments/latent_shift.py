@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/latent_shift.py --seed 0 --triggers cf --blocks 4 9 14 19 24   # w2s.py's options
 
-BEEAR (REFERENCE.md §4) rests on one observation: a trigger, whatever its form, shifts a decoder's intermediate
+BEEAR (docs/method.md, "The other defenses") rests on one observation: a trigger, whatever its form, shifts a decoder's intermediate
 states in a roughly uniform direction, so one universal perturbation of the residual stream can stand in for it.
 For the poisoned student of a run (from the stage cache, trained if missing, as w2s.py would), this measures on
 the DEV side (150 non-target dev sentences and the same 150 with the trigger: experiments/calibrate_w2s.py's draw; the
