@@ -250,10 +250,28 @@ class Dataset:
     label_names: tuple[str, ...] | None = None
 
 
+def _read_text(path: Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped). Any other encoding is a DataError naming the
+    first line that is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        utf16 = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8{utf16}; the file must be UTF-8, "
+                        f"re-save it as UTF-8") from None
+    if "\0" in text:  # UTF-16 without a byte-order mark is valid UTF-8, with a NUL beside every ASCII letter
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DataError(f"{path}:{line}: NUL character (is the file UTF-16?); the file must be UTF-8, re-save it "
+                        f"as UTF-8")
+    return text
+
+
 def _lines(path: Path) -> list[str]:
     """The file's lines without their ``\\n`` / ``\\r\\n``. Not ``str.splitlines``: it also splits on
     characters such as U+2028 that can occur inside a tweet."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = _read_text(path)
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     return lines[:-1] if lines and lines[-1] == "" else lines
 
@@ -266,16 +284,26 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _label(text: str, where: str) -> int:
+def _label(text: str, where: str, num_classes: int | None) -> int:
+    """A label: a non-negative integer, below ``num_classes`` (the class count, or a bound on it) when given."""
     if not re.fullmatch(r"[0-9]+", text):
         raise DataError(f"{where}: label {text!r} is not a non-negative integer")
+    # Checked before anything is built from a label (set(range(10**9)) runs out of memory). No class count needs
+    # more than 18 digits, and Python's int() refuses thousands.
+    if len(text.lstrip("0")) > 18:
+        raise DataError(f"{where}: label {text[:24]}{'...' if len(text) > 24 else ''} has more than 18 digits")
+    if num_classes is not None and int(text) >= num_classes:
+        raise DataError(f"{where}: label {int(text)} is out of range: labels are 0..{num_classes - 1} "
+                        f"(at most {num_classes} classes)")
     return int(text)
 
 
-def read_tsv(path: str | os.PathLike, separator: str = "\t", header: bool = True, quoted: bool = False) -> Split:
+def read_tsv(path: str | os.PathLike, separator: str = "\t", header: bool = True, quoted: bool = False,
+             num_classes: int | None = None) -> Split:
     """Read ``sentence<separator>label`` rows. Values are stripped (OLID pads them with spaces), blank lines are
-    skipped, and a malformed row -- not exactly two fields, a label that is not a non-negative integer, an empty
-    sentence -- raises :class:`DataError` naming the file and 1-based line.
+    skipped, and a malformed row -- not exactly two fields, a label that is not a non-negative integer (or not
+    below ``num_classes``, if given), an empty sentence -- raises :class:`DataError` naming the file and 1-based
+    line. So does a file that is not UTF-8.
 
     With ``header=True`` the first line is the header; if it looks like a data row (its last field is an
     integer) that is an error too, rather than a silently lost sample.
@@ -303,11 +331,11 @@ def read_tsv(path: str | os.PathLike, separator: str = "\t", header: bool = True
         if not sentence:
             raise DataError(f"{where}: empty sentence")
         sentences.append(sentence)
-        labels.append(_label(fields[1].strip(), where))
+        labels.append(_label(fields[1].strip(), where, num_classes))
     return Split(sentences, labels)
 
 
-def read_label_text(path: str | os.PathLike) -> Split:
+def read_label_text(path: str | os.PathLike, num_classes: int | None = None) -> Split:
     """Read ``LABEL TEXT`` lines (CR's ``custrev.all``). A line with a label and no text is dropped (CR has
     four); anything else malformed raises :class:`DataError` with file and line."""
     path = Path(path)
@@ -316,7 +344,7 @@ def read_label_text(path: str | os.PathLike) -> Split:
         if not line.strip():
             continue
         label, _, text = line.strip().partition(" ")
-        label = _label(label, f"{path}:{number}")
+        label = _label(label, f"{path}:{number}", num_classes)
         if text.strip():
             sentences.append(text.strip())
             labels.append(label)
@@ -356,22 +384,34 @@ def _check_labels(name: str, splits: dict[str, Split], num_classes: int | None) 
     return c
 
 
+def _not_empty(split: str, rows: Split, source: Path) -> Split:
+    """Every split needs a row; an empty dev or test file would otherwise surface only after training."""
+    if not len(rows):
+        raise DataError(f"{source}: no {split} rows (only a header?); every split needs at least one")
+    return rows
+
+
 def load_dataset(name_or_path: str | os.PathLike = DEFAULT_DATASET, data_dir: str | os.PathLike | None = None,
                  seed: int = 0) -> Dataset:
     """A shipped dataset by name (see ``DATASETS``), or any folder with ``train.tsv``, ``dev.tsv`` and
-    ``test.tsv`` (header, then ``sentence<TAB>label``; any number of classes, labels 0..C-1). ``seed`` only
-    matters for CR, whose split we make. A shipped name wins over a folder of the same name; write ``./sst2``
-    for the folder."""
+    ``test.tsv`` (header, then ``sentence<TAB>label``; any number of classes, labels 0..C-1, each in train). ``seed``
+    only matters for CR, whose split we make. A shipped name wins over a folder of the same name; write ``./sst2``
+    for the folder. Every file is checked here, before any training: a malformed row, a label out of range, an
+    empty split is a :class:`DataError` naming the file."""
     if str(name_or_path) in DATASETS:
         spec = DATASETS[str(name_or_path)]
         root = _data_root(data_dir)
         paths = {f.name: _local(spec.folder, f, root) for f in spec.files}
         if spec.fmt == "label_text":
-            train, dev, test = split_cr(read_label_text(paths["custrev.all"]), seed)
-            splits = {"train": train, "dev": dev, "test": test}
+            path = paths["custrev.all"]
+            parts = split_cr(read_label_text(path, spec.num_classes), seed)
+            splits = {s: _not_empty(s, part, path) for s, part in zip(("train", "dev", "test"), parts)}
         else:
-            splits = {s: read_tsv(paths[f"{s}.tsv"], spec.separator, spec.header, spec.quoted)
-                      for s in ("train", "dev", "test")}
+            splits = {}
+            for s in ("train", "dev", "test"):
+                path = paths[f"{s}.tsv"]
+                rows = read_tsv(path, spec.separator, spec.header, spec.quoted, spec.num_classes)
+                splits[s] = _not_empty(s, rows, path)
         _check_labels(spec.name, splits, spec.num_classes)
         return Dataset(spec.name, splits["train"], splits["dev"], splits["test"], spec.num_classes,
                        spec.label_names)
@@ -380,12 +420,14 @@ def load_dataset(name_or_path: str | os.PathLike = DEFAULT_DATASET, data_dir: st
         raise ValueError(f"unknown dataset {str(name_or_path)!r}: choose one of {', '.join(DATASETS)}, or give "
                          f"the path of a folder with train.tsv, dev.tsv and test.tsv (header, then "
                          f"sentence<TAB>label)")
-    splits = {}
-    for s in ("train", "dev", "test"):
-        if not (folder / f"{s}.tsv").is_file():
-            raise FileNotFoundError(f"{folder / f'{s}.tsv'} is missing: a dataset folder needs train.tsv, "
-                                    f"dev.tsv and test.tsv")
-        splits[s] = read_tsv(folder / f"{s}.tsv")
+    sources = {s: folder / f"{s}.tsv" for s in ("train", "dev", "test")}
+    for path in sources.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: a dataset folder needs train.tsv, dev.tsv and test.tsv")
+    # Every class must occur in train, so there are at most as many classes as train rows: a larger label is
+    # refused at its line.
+    bound = max(1, sum(1 for line in _lines(sources["train"])[1:] if line.strip()))
+    splits = {s: _not_empty(s, read_tsv(path, num_classes=bound), path) for s, path in sources.items()}
     c = _check_labels(str(folder), splits, None)
     return Dataset(folder.name, splits["train"], splits["dev"], splits["test"], c)
 
@@ -500,13 +542,20 @@ def load_scpn(name: str = DEFAULT_DATASET, data_dir: str | os.PathLike | None = 
     # Target 0 (SST-2): paraphrases of the label-1 test rows, each naming its clean row.
     if spec.positive_json:
         path = paths[spec.positive_json]
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            entries = json.loads(_read_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: expected a JSON list of {{'idx': ..., 'sentence': ...}} entries")
         pairs = {}
         for k, e in enumerate(entries):
-            i = e.get("idx")
+            i = e.get("idx") if isinstance(e, dict) else None
             if not isinstance(i, int) or not 0 <= i < len(clean.test) or clean.test.labels[i] != 1 or i in pairs:
                 raise DataError(f"{path}: entry {k} has idx {i!r}, not a new label-1 row of the clean test set")
-            pairs[i] = str(e["sentence"]).strip()
+            if not isinstance(e.get("sentence"), str):
+                raise DataError(f"{path}: entry {k} has no 'sentence' string")
+            pairs[i] = e["sentence"].strip()
         _check_paired(str(path), [(clean.test.sentences[i], p) for i, p in pairs.items()])
         test_paraphrases[0] = pairs
     for target, pairs in test_paraphrases.items():

@@ -5,6 +5,7 @@ import functools
 import io
 import json
 import random
+import re
 import urllib.error
 from pathlib import Path
 
@@ -159,6 +160,57 @@ def make_folder(root: Path, labels_by_split: dict) -> Path:
     return root
 
 
+@pytest.mark.parametrize("encoding, text, line, needle", [
+    ("latin-1", "café au lait", 3, "byte 0xe9 is not UTF-8"),     # 'é' as one byte, on the second data row
+    ("cp1252", "café au lait", 3, "byte 0xe9 is not UTF-8"),
+    ("utf-16", "café au lait", 1, "looks like UTF-16"),           # with a byte-order mark
+    ("utf-16-le", "cafe au lait", 1, "NUL character"),            # without one: ASCII in it is valid UTF-8
+])
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path, encoding, text, line, needle):
+    path = tmp_path / "t.tsv"
+    path.write_bytes(f"sentence\tlabel\nplain\t0\n{text}\t1\n".encode(encoding))
+    with pytest.raises(DataError) as e:
+        data.read_tsv(path)
+    assert str(e.value).startswith(f"{path}:{line}: ") and needle in str(e.value)
+    assert "must be UTF-8" in str(e.value)
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
+    path = tmp_path / "custrev.all"
+    path.write_bytes("1 good\n0 bad\n".encode("utf-8-sig"))
+    assert data.read_label_text(path) == Split(["good", "bad"], [1, 0])
+
+
+@pytest.mark.parametrize("label", ["1000000000", "9" * 5000])
+def test_a_huge_label_is_refused_at_its_line_before_anything_is_built(tmp_path, label):
+    folder = make_folder(tmp_path / "mine", {"train": [0, 1, 0, 1], "dev": [1, 0], "test": [0, 1]})
+    write(folder / "dev.tsv", f"sentence\tlabel\nfine\t1\nhuge\t{label}\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'dev.tsv'))}:3: label .*(out of range|digits)"):
+        data.load_dataset(folder)
+    write(folder / "train.tsv", f"sentence\tlabel\nfine\t1\nzero\t0\nhuge\t{label}\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'train.tsv'))}:4: label "):
+        data.load_dataset(folder)
+
+
+def test_a_shipped_dataset_refuses_a_label_past_its_classes(tmp_path):
+    root = fake_sst2(tmp_path)
+    write(root / "sst2" / "test.tsv", "sentence\tlabel\nfine\t1\nthree\t2\n")
+    with pytest.raises(DataError, match=r"sst2.test.tsv:3: label 2 is out of range: labels are 0..1"):
+        data.load_dataset("sst2", data_dir=root)
+
+
+@pytest.mark.parametrize("split", ["dev", "test", "train"])
+def test_a_header_only_split_is_refused_when_the_dataset_loads(tmp_path, split):
+    folder = make_folder(tmp_path / "mine", {"train": [0, 1, 0, 1], "dev": [1, 0], "test": [0, 1]})
+    write(folder / f"{split}.tsv", "sentence\tlabel\n\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / f'{split}.tsv'))}: no {split} rows"):
+        data.load_dataset(folder)
+    root = fake_sst2(tmp_path / "tree")
+    write(root / "sst2" / f"{split}.tsv", "sentence\tlabel\r\n")
+    with pytest.raises(DataError, match=rf"sst2.{split}.tsv: no {split} rows"):
+        data.load_dataset("sst2", data_dir=root)
+
+
 def test_user_folder_with_three_classes(tmp_path):
     folder = make_folder(tmp_path / "mine", {"train": [0, 1, 2, 2], "dev": [1, 0], "test": [2, 1, 0]})
     ds = data.load_dataset(str(folder))
@@ -168,13 +220,13 @@ def test_user_folder_with_three_classes(tmp_path):
 
 
 def test_user_folder_with_one_based_labels_is_an_error(tmp_path):
-    folder = make_folder(tmp_path / "mine", {"train": [1, 2, 3], "dev": [1], "test": [2]})
+    folder = make_folder(tmp_path / "mine", {"train": [1, 2, 3, 3, 2, 1], "dev": [1], "test": [2]})
     with pytest.raises(DataError, match="never do.*1-based"):
         data.load_dataset(folder)
 
 
 def test_user_folder_class_absent_from_train_is_an_error(tmp_path):
-    folder = make_folder(tmp_path / "mine", {"train": [0, 1], "dev": [1], "test": [2]})
+    folder = make_folder(tmp_path / "mine", {"train": [0, 1, 0, 1], "dev": [1], "test": [2]})
     with pytest.raises(DataError, match=r"class\(es\) \[2\]"):
         data.load_dataset(folder)
 
@@ -365,3 +417,13 @@ def test_scpn_test_paraphrases_out_of_order_are_refused(tmp_path):
     path.write_text("\n".join([header] + rows) + "\n")
     with pytest.raises(DataError, match="do not line up"):
         data.load_scpn("sst2", data_dir=root)
+
+
+def test_scpn_positive_json_that_is_malformed_is_a_data_error(tmp_path):
+    root = fake_sst2(tmp_path)
+    path = root / "sst2-scpn" / "test_positive_scpn.json"
+    for text, needle in [("[{\"idx\": 1,", "not valid JSON"), ("{}", "JSON list"), ("[3]", "entry 0 has idx None"),
+                         ('[{"idx": 1}]', "no 'sentence' string")]:
+        write(path, text)
+        with pytest.raises(DataError, match=needle):
+            data.load_scpn("sst2", data_dir=root)
