@@ -132,6 +132,65 @@ def test_safetensors_bad_input(tmp_path, case):
     assert_one_line_naming(excinfo, path)
 
 
+F32_2 = '"dtype": "F32", "shape": [2], "data_offsets": [0, 8]'
+
+
+# Each malformed header below once escaped as TypeError, RecursionError or a wrong read; now each is refused.
+@pytest.mark.parametrize("header, needle", [
+    ('{"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', "unknown dtype ['F32']"),
+    ('{"w": {"dtype": "F32", "shape": [true, 2], "data_offsets": [0, 8]}}', "invalid shape [True, 2]"),
+    ('{"w": {"dtype": "F32", "shape": [0, 9223372036854775808], "data_offsets": [0, 8]}}', "more elements"),
+    ('{"w": {"dtype": "F32", "shape": [2], "data_offsets": [false, 8]}}', "invalid data_offsets"),
+    ('{"w": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}', "invalid data_offsets"),
+    ('{"w": {' + F32_2 + ', "x": ' + "[" * 1000 + "]" * 1000 + "}}", "nest deeper than 64"),
+    ('{"w": {' + F32_2 + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}}", "nest deeper than 64"),
+    ("{" * 100_000, "nest deeper than 64"),
+    ('{"w": {' + F32_2 + '}, "w": {' + F32_2 + "}}", "duplicate key 'w'"),
+    ('{"w": {' + F32_2 + ', "shape": [2]}}', "duplicate key 'shape'"),
+    ('{"w": {' + F32_2 + ', "x": NaN}}', "NaN is not a finite number"),
+    ('{"w": {' + F32_2 + ', "x": 1e400}}', "1e400 is not a finite number"),
+    ('{"w": {' + F32_2 + ', "x": ' + "9" * 5000 + "}}", "out of range"),
+    ('{"w\\ud800": {' + F32_2 + "}}", "surrogates not allowed"),
+    ('{"__metadata__": {"a": 1}, "w": {' + F32_2 + "}}", "__metadata__ is {'a': 1}"),
+    ('{"__metadata__": ["a"], "w": {' + F32_2 + "}}", "__metadata__ is ['a']"),
+    ('{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', "starts at data byte 4"),       # a gap
+    ('{"a": {' + F32_2 + '}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', "starts at data byte 4"),
+    ('{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "cover 4 bytes of the 8-byte"),  # trailing
+    ('{"w": {"dtype": "F32", "shape": ' + str([1] * 65) + ', "data_offsets": [0, 8]}}', "invalid shape"),
+])
+def test_safetensors_malformed_header_is_refused(tmp_path, header, needle):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + struct.pack("<2f", 1.0, 2.0))
+    for reader in (weights.read_safetensors, weights.read_safetensors_metadata):
+        with pytest.raises(WeightFileError) as excinfo:
+            reader(path)
+        assert_one_line_naming(excinfo, path)
+        assert needle in excinfo.value.what
+
+
+def test_safetensors_header_length_one_short_is_refused_not_misread(tmp_path):
+    """The header's last byte (padding) then starts the data: the tensors would be read one byte off."""
+    raw = safetensors_torch.save({"w": torch.tensor([1.0, 2.0])})
+    (n,) = struct.unpack_from("<Q", raw)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", n - 1) + raw[8:])
+    with pytest.raises(WeightFileError, match="cover 8 bytes of the 9-byte data section"):
+        weights.read_safetensors(path)
+    with pytest.raises(Exception):  # the reference refuses it too
+        safetensors_torch.load(path.read_bytes())
+
+
+def test_safetensors_layout_rules_follow_the_reference(tmp_path):
+    """Sorted by offsets the tensors tile the data; an empty tensor may sit at either end of another."""
+    path = tmp_path / "model.safetensors"
+    write_raw_safetensors(path, {"b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                 "a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+                                 "z": {"dtype": "U8", "shape": [0, 3], "data_offsets": [0, 0]}}, bytes(8))
+    ours = weights.read_safetensors(path)
+    ref = safetensors_torch.load(path.read_bytes())
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
 def test_missing_file(tmp_path):
     for reader in (weights.read_safetensors, weights.read_gguf, weights.read_gguf_metadata):
         path = tmp_path / "absent.bin"
@@ -292,6 +351,102 @@ def test_gguf_bad_input(tmp_path, case, needle):
         weights.read_gguf(path)
     assert_one_line_naming(excinfo, path)
     assert needle in str(excinfo.value)
+
+
+def gguf_kv(key: str, vtype: int, value: bytes) -> bytes:
+    return gguf_string(key) + struct.pack("<I", vtype) + value
+
+
+def gguf_info(name: str, dims, ggml_type: int = 0, offset: int = 0) -> bytes:
+    return gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + \
+        struct.pack("<IQ", ggml_type, offset)
+
+
+def raw_gguf(path, kvs=(), infos=(), data=b"", counts=None):
+    """A GGUF file from raw key/value and tensor-info records; `counts` overrides (tensor count, kv count)."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, *(counts or (len(infos), len(kvs)))) + b"".join(kvs) + b"".join(infos)
+    path.write_bytes(head + bytes(-len(head) % 32) + data)
+    return path
+
+
+def nested_arrays(depth: int) -> bytes:
+    """An array of an array of ... of one uint8: `depth` arrays deep."""
+    return struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 0, 1) + b"\x07"
+
+
+U32 = struct.pack("<I", 32)
+
+
+# Each malformed file below once escaped as RecursionError, a plain ValueError or a huge allocation, or was read.
+@pytest.mark.parametrize("case, needle", [
+    ("nested_1000", "nests arrays deeper than 64"),
+    ("nested_100000", "nests arrays deeper than 64"),
+    ("dims_0_2**63", "more elements than a file of this size can hold"),
+    ("array_count_2**63", "too soon for 9223372036854775808 items"),
+    ("string_array_count", "too soon for 1000000 items of 8 or more bytes"),
+    ("kv_count_2**64-1", "the metadata count is 18446744073709551615"),
+    ("tensor_count_2**40", "the tensor count is 1099511627776"),
+    ("duplicate_key", "metadata key 'k' occurs twice"),
+    ("duplicate_tensor", "tensor name 'w' occurs twice"),
+    ("alignment_24", "general.alignment is 24, not a power of two"),
+    ("alignment_0", "general.alignment is 0, not a power of two"),
+    ("alignment_uint64", "general.alignment has value type 10, not 4 (uint32)"),
+    ("unknown_item_type_empty", "unknown value type 13"),
+    ("overlap", "tensor 'v' starts at data offset 0, expected 32"),
+    ("gap", "tensor 'w' starts at data offset 32, expected 0"),
+    ("misaligned", "tensor 'v' starts at data offset 16, expected 32"),
+    ("zero_dims", "has 0 dims"),
+])
+def test_gguf_malformed_file_is_refused(tmp_path, case, needle):
+    path = tmp_path / "model.gguf"
+    w = gguf_info("w", (4,))
+    if case.startswith("nested"):
+        raw_gguf(path, [gguf_kv("deep", 9, nested_arrays(int(case.split("_")[1])))])
+    elif case == "dims_0_2**63":
+        raw_gguf(path, infos=[gguf_info("w", (0, 2**63))])
+    elif case == "array_count_2**63":
+        raw_gguf(path, [gguf_kv("a", 9, struct.pack("<IQ", 0, 2**63))])
+    elif case == "string_array_count":
+        raw_gguf(path, [gguf_kv("a", 9, struct.pack("<IQ", 8, 10**6))])
+    elif case == "kv_count_2**64-1":
+        raw_gguf(path, counts=(0, 2**64 - 1))
+    elif case == "tensor_count_2**40":
+        raw_gguf(path, counts=(2**40, 0))
+    elif case == "duplicate_key":
+        raw_gguf(path, [gguf_kv("k", 4, U32), gguf_kv("k", 4, U32)])
+    elif case == "duplicate_tensor":
+        raw_gguf(path, infos=[w, gguf_info("w", (4,), offset=32)], data=bytes(64))
+    elif case.startswith("alignment_") and case != "alignment_uint64":
+        raw_gguf(path, [gguf_kv("general.alignment", 4, struct.pack("<I", int(case.split("_")[1])))])
+    elif case == "alignment_uint64":
+        raw_gguf(path, [gguf_kv("general.alignment", 10, struct.pack("<Q", 32))])
+    elif case == "unknown_item_type_empty":
+        raw_gguf(path, [gguf_kv("a", 9, struct.pack("<IQ", 13, 0))])
+    elif case == "overlap":
+        raw_gguf(path, infos=[w, gguf_info("v", (4,))], data=bytes(64))
+    elif case == "gap":
+        raw_gguf(path, infos=[gguf_info("w", (4,), offset=32)], data=bytes(64))
+    elif case == "misaligned":
+        raw_gguf(path, infos=[w, gguf_info("v", (4,), offset=16)], data=bytes(64))
+    elif case == "zero_dims":
+        raw_gguf(path, infos=[gguf_info("w", ())], data=bytes(4))
+    with pytest.raises(WeightFileError) as excinfo:
+        weights.read_gguf(path)
+    assert_one_line_naming(excinfo, path)
+    assert needle in excinfo.value.what
+
+
+def test_gguf_layout_as_the_writer_makes_it_is_read(tmp_path):
+    """Each tensor right after the one before, padded to the alignment; an empty tensor takes no room."""
+    path = tmp_path / "model.gguf"
+    values = np.arange(4, dtype=np.float32).tobytes()
+    raw_gguf(path, [gguf_kv("general.alignment", 4, struct.pack("<I", 64))],
+             [gguf_info("w", (4,)), gguf_info("e", (0, 3), offset=64), gguf_info("v", (4,), offset=64)],
+             data=values + bytes(48) + values)
+    g = weights.read_gguf(path)
+    assert torch.equal(g.tensors["v"], torch.arange(4.0)) and g.tensors["e"].shape == (3, 0)
+    reader = gguf.GGUFReader(path)
+    assert [t.name for t in reader.tensors] == list(g.tensors)
 
 
 @pytest.mark.slow
