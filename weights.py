@@ -71,9 +71,10 @@ class UnknownModelError(ValueError):
 
 
 def _fail(path: str | os.PathLike, what: str, todo: str) -> WeightFileError:
-    """Build the one-line error every reader raises: '<file>: <what is wrong>; <what to do>'."""
-    error = WeightFileError(f"{path}: {what}; {todo}".replace("\n", " "))
-    error.what = what.replace("\n", " ")
+    """Build the one-line error every reader raises: '<file>: <what is wrong>; <what to do>'. Any line break (a
+    tensor name may hold one) becomes a space."""
+    error = WeightFileError(" ".join(f"{path}: {what}; {todo}".splitlines()))
+    error.what = " ".join(what.splitlines())
     return error
 
 
@@ -121,49 +122,45 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 _ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _ST_DTYPES.items()}
 _ST_TODO = "the file is truncated, corrupt or not safetensors — delete it and download again"
 _ST_MAX_HEADER = 100_000_000    # the reference reader refuses longer headers
-_ST_MAX_DIMS = 64               # numpy's limit; real tensors have at most a handful
-# How deep JSON arrays/objects and GGUF arrays of arrays may nest. Real files need 3; the bound keeps parsing
-# clear of Python's recursion limit, and below serde_json's 128, where the reference safetensors reader stops.
+_MAX_DIMS = 64                  # numpy's limit; real tensors have at most a handful
+# How deep JSON arrays/objects and GGUF arrays of arrays may nest. A real header nests 3 deep (header, entry,
+# shape); the bound keeps parsing clear of Python's recursion limit and below serde_json's 128, where the
+# reference safetensors reader stops.
 _MAX_NESTING = 64
 # A JSON string, or an unterminated one running to the end of the text.
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 
 
 def _check_dims(path: Path, what: str, dims: Any, max_elements: int, todo: str) -> None:
-    """Refuse dimensions that are not non-negative integers or that no file of this size could hold. Zero dims
-    count as 1 here: numpy and torch refuse an empty tensor whose other dims multiply past int64."""
+    """Refuse dimensions that are not up to _MAX_DIMS non-negative integers, or that no file of this size could
+    hold. Zero dims count as 1 here: numpy and torch refuse an empty tensor whose other dims multiply past int64."""
     # bool is an int to Python, not to JSON or GGUF
-    if not (isinstance(dims, (list, tuple)) and all(type(d) is int and d >= 0 for d in dims)):
+    if not (isinstance(dims, (list, tuple)) and len(dims) <= _MAX_DIMS
+            and all(type(d) is int and d >= 0 for d in dims)):
         raise _fail(path, f"{what} has invalid shape {dims!r:.100}", todo)
     if math.prod(d or 1 for d in dims) > max_elements:
         raise _fail(path, f"{what} has shape {list(dims)}, more elements than a file of this size can hold", todo)
 
 
-def _json_int(text: str) -> int | float:
-    """Read a JSON integer as serde_json (inside the reference reader) does: -0 is a float, 64 bits at most."""
-    if len(text.lstrip("-")) > 20:
-        raise ValueError(f"integer {text[:24]}... is out of range")
-    return -0.0 if text == "-0" else int(text)
-
-
-def _json_float(text: str) -> float:
-    """Read a JSON number with a fraction or exponent, refusing one past the float range, as serde_json does."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:24]} is out of range")
+def _json_number(text: str) -> int | float:
+    """A JSON number as serde_json (in the reference reader) takes it: integers of at most 64 bits, -0 a float,
+    floats finite. Python's json also hands NaN and Infinity here, which are no JSON."""
+    if text.lstrip("-").isdigit() and text != "-0":
+        if len(text.lstrip("-")) > 20:
+            raise ValueError(f"integer {text[:24]}... is out of range")
+        return int(text)
+    if not math.isfinite(value := float(text)):
+        raise ValueError(f"{text[:24]} is not a finite number")
     return value
-
-
-def _json_constant(text: str) -> Any:
-    raise ValueError(f"{text} is not a JSON value")
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """An object without duplicate keys: with two, which one a reader takes is a guess."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        duplicate = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
-        raise ValueError(f"duplicate key {duplicate!r}")
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
     return obj
 
 
@@ -175,8 +172,8 @@ def _parse_json_header(path: Path, raw: bytes) -> dict[str, Any]:
         steps = np.isin(codes, list(b"[{")).astype(np.int64) - np.isin(codes, list(b"]}"))
         if codes.size and np.cumsum(steps).max() > _MAX_NESTING:
             raise ValueError(f"arrays and objects nest deeper than {_MAX_NESTING}")
-        header = json.loads(text, object_pairs_hook=_json_object, parse_int=_json_int, parse_float=_json_float,
-                            parse_constant=_json_constant)
+        header = json.loads(text, object_pairs_hook=_json_object, parse_int=_json_number, parse_float=_json_number,
+                            parse_constant=_json_number)
         json.dumps(header, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) is no UTF-8 text
     except ValueError as e:  # JSONDecodeError and UnicodeError are ValueErrors
         raise _fail(path, f"header is not valid JSON ({e})", _ST_TODO) from None
@@ -185,8 +182,11 @@ def _parse_json_header(path: Path, raw: bytes) -> dict[str, Any]:
     return header
 
 
-def _check_safetensors_entry(path: Path, name: str, entry: Any, file_size: int) -> tuple[torch.dtype, list[int], int, int]:
-    """Check one header entry; return (dtype, shape, begin, end) with offsets relative to the data section."""
+_STEntry = tuple[torch.dtype, list[int], int, int]    # dtype, shape, begin and end within the data section
+
+
+def _check_safetensors_entry(path: Path, name: str, entry: Any, file_size: int) -> _STEntry:
+    """Check one header entry and return it."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise _fail(path, f"tensor '{name}' header entry {entry!r:.100} lacks dtype/shape/data_offsets", _ST_TODO)
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -195,8 +195,6 @@ def _check_safetensors_entry(path: Path, name: str, entry: Any, file_size: int) 
         raise _fail(path, f"tensor '{name}' has unknown dtype {dtype_name!r:.40} "
                           f"(this reader knows {', '.join(_ST_DTYPES)})",
                     "convert the file to one of those dtypes")
-    if isinstance(shape, list) and len(shape) > _ST_MAX_DIMS:
-        raise _fail(path, f"tensor '{name}' has {len(shape)} dims, more than {_ST_MAX_DIMS}", _ST_TODO)
     _check_dims(path, f"tensor '{name}'", shape, file_size, _ST_TODO)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
@@ -209,10 +207,8 @@ def _check_safetensors_entry(path: Path, name: str, entry: Any, file_size: int) 
     return dtype, shape, begin, end
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]],
-                                                  dict[str, str], int]:
-    """Read and check the header and the layout it describes. Returns ({name: (dtype, shape, begin, end)} with
-    offsets relative to the data section, the metadata, the first data byte)."""
+def _read_safetensors_header(path: Path) -> tuple[dict[str, _STEntry], dict[str, str], int]:
+    """Read and check the header and the layout it describes. Returns (tensor entries, metadata, first data byte)."""
     _check_exists(path, "safetensors")
     file_size = path.stat().st_size
     if file_size < 8:
@@ -258,14 +254,10 @@ def read_safetensors(path: str | os.PathLike, names=None) -> dict[str, torch.Ten
         for name, (dtype, shape, begin, end) in entries.items():
             if names is not None and name not in names:
                 continue
-            if begin == end:  # torch.frombuffer refuses an empty buffer
-                tensors[name] = torch.empty(shape, dtype=dtype)
-                continue
-            buf = bytearray(end - begin)
+            tensors[name] = torch.empty(shape, dtype=dtype)
             f.seek(data_start + begin)
-            if f.readinto(buf) != len(buf):
+            if f.readinto(tensors[name].reshape(-1).view(torch.uint8).numpy()) != end - begin:
                 raise _fail(path, f"tensor '{name}' is cut short by the end of the file", _ST_TODO)
-            tensors[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape)
     return tensors
 
 
@@ -461,8 +453,7 @@ _GGUF_MAX_DIMS = 4
 # Metadata value types 0..12: struct format for scalars; 8 = string, 9 = array.
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                  10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_UINT32 = 4
+_GGUF_UINT32, _GGUF_STRING, _GGUF_ARRAY = 4, 8, 9
 # The fewest bytes a value of each type takes: a string is at least its length, an array its item type and count.
 _GGUF_MIN_SIZE = {**{t: struct.calcsize(f) for t, f in _GGUF_SCALARS.items()}, _GGUF_STRING: 8, _GGUF_ARRAY: 12}
 _GGUF_TODO = "the file is truncated, corrupt or not GGUF — delete it and get it again"
@@ -520,9 +511,8 @@ class _Cursor:
         if depth == _MAX_NESTING:
             raise _fail(self.path, f"metadata key '{key}' nests arrays deeper than {_MAX_NESTING}", _GGUF_TODO)
         item_type = self.unpack("<I", f"the item type of '{key}'")
-        if item_type not in _GGUF_MIN_SIZE:  # checked here too, as an empty array would not reach the check above
-            raise _fail(self.path, f"metadata key '{key}' has unknown item type {item_type} (GGUF defines 0..12)",
-                        _GGUF_TODO)
+        if item_type not in _GGUF_MIN_SIZE:
+            self.value(item_type, key)  # raises: an unknown item type is refused even in an empty array
         count = self.count(_GGUF_MIN_SIZE[item_type], f"the length of '{key}'")
         if item_type in _GGUF_SCALARS:  # numeric arrays in one numpy call: token_type has ~50k items
             fmt = _GGUF_SCALARS[item_type]
@@ -576,7 +566,7 @@ def _read_gguf_kv(path: Path, cur: _Cursor) -> tuple[int, int, dict[str, Any]]:
             raise _fail(path, f"metadata key '{key}' occurs twice", _GGUF_TODO)
         vtype = cur.unpack("<I", f"the value type of '{key}'")
         if key == "general.alignment" and vtype != _GGUF_UINT32:  # llama.cpp and gguf read it as a uint32 only
-            raise _fail(path, f"general.alignment has value type {vtype}, expected {_GGUF_UINT32} (uint32)", _GGUF_TODO)
+            raise _fail(path, f"general.alignment has value type {vtype}, not {_GGUF_UINT32} (uint32)", _GGUF_TODO)
         metadata[key] = cur.value(vtype, key)
     return version, tensor_count, metadata
 
@@ -584,8 +574,7 @@ def _read_gguf_kv(path: Path, cur: _Cursor) -> tuple[int, int, dict[str, Any]]:
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Read only the metadata of a GGUF file (architecture, hyper-parameters, tokenizer); fast, no tensors."""
     path = Path(path)
-    buf = _open_gguf(path)
-    return _read_gguf_kv(path, _Cursor(memoryview(buf), path))[2]
+    return _read_gguf_kv(path, _Cursor(memoryview(_open_gguf(path)), path))[2]
 
 
 @dataclass(frozen=True)
@@ -641,17 +630,16 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             raise _fail(path, f"tensor name '{info.name}' occurs twice", _GGUF_TODO)
         infos[info.name] = info
     data_start = cur.pos + (-cur.pos % alignment)
-    # llama.cpp's layout rule: each tensor starts where the one before it ends, padded to the alignment. Any
-    # other offset (a gap, an overlap, a misaligned start) means the table does not describe the data.
+    tensors: dict[str, torch.Tensor] = {}
+    tensor_types: dict[str, str] = {}
     expected = 0
     for info in infos.values():
+        # llama.cpp's layout rule: each tensor starts where the one before it ends, padded to the alignment. Any
+        # other offset (a gap, an overlap, a misaligned start) means the table does not describe the data.
         if info.offset != expected:
             raise _fail(path, f"tensor '{info.name}' starts at data offset {info.offset}, expected {expected} "
                               f"(right after the tensor before it, padded to {alignment} bytes)", _GGUF_TODO)
         expected += info.nbytes + (-info.nbytes % alignment)
-    tensors: dict[str, torch.Tensor] = {}
-    tensor_types: dict[str, str] = {}
-    for info in infos.values():
         begin = data_start + info.offset
         if begin + info.nbytes > len(buf):
             raise _fail(path, f"tensor '{info.name}' data (bytes {begin}..{begin + info.nbytes}) runs past the "
