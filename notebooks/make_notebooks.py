@@ -3,8 +3,9 @@
     .venv/bin/python notebooks/make_notebooks.py            # build + run all (quick mode, as committed)
     .venv/bin/python notebooks/make_notebooks.py --no-run   # build only, outputs empty
 
-Edit the notebooks HERE, not in Jupyter, so that the saved outputs always come from a clean top-to-bottom run.
-Each code cell is written as a (sentence, code) pair: the sentence becomes the markdown cell before it.
+Edit the notebooks HERE, not in Jupyter, so that the saved outputs always come from a clean top-to-bottom run
+(tests/test_notebooks.py checks that the committed notebooks' cells are the ones this file writes). Each code
+cell is written as a (sentence, code) pair: the sentence becomes the markdown cell before it.
 Needs requirements-notebooks.txt (nbformat, nbclient, ipykernel, matplotlib).
 """
 
@@ -140,7 +141,7 @@ so a block can only take 16 evenly spaced values between $m$ and $m + 15d$: 5 bi
 cur = weights._Cursor(memoryview(buf), gguf_path)
 _, n_tensors, _ = weights._read_gguf_kv(gguf_path, cur)
 alignment = metadata.get("general.alignment", 32)
-infos = {i.name: i for i in (weights._read_tensor_info(gguf_path, cur, alignment) for _ in range(n_tensors))}
+infos = {i.name: i for i in (weights._read_tensor_info(gguf_path, cur) for _ in range(n_tensors))}
 data_start = cur.pos + (-cur.pos % alignment)
 
 info = infos["blk.0.attn_q.weight"]
@@ -552,7 +553,7 @@ import random
 
 import matplotlib.pyplot as plt
 
-import attacks, data, losses, train, w2s
+import attacks, data, defenses, losses, stages, train, w2s
 
 PRESET = "quick" if QUICK else "cpu"
 STAGES = Path(os.environ.get("W2S_STAGES", ROOT / "runs" / "stages"))   # the same cache as `python w2s.py`
@@ -642,7 +643,7 @@ sentence is another token than ` mn` anywhere else; and a causal LM pours much o
 comes first (an "attention sink"). So the student reads `<start> sentence` with a space before the first
 word (`w2s.student_classifier`), as a Llama tokenizer would. Without both, the cpu preset's clean-label BadNet
 backdoor fired for 7.3 % of positive test sentences with `mn` as the first word (6.7 % without the trigger),
-against 100 % in the middle or at the end (`bench/trigger_position.py --bare`, RESULTS.md).""",
+against 100 % in the middle or at the end (`experiments/trigger_position.py --bare`, experiments/LOG.md).""",
 
     ("Tokenize a sentence with the trigger first and in the middle, as `w2s` reads it and bare; expect the same "
      "pieces for `mn` in both places only in the first case, after a start token.",
@@ -663,7 +664,7 @@ The stage is cached under a hash of its configuration: a second run loads it in 
      '''task = w2s.build_task(attack_cfg, eval_size)
 attack_folder, poisoned = w2s.attack_stage(attack_cfg, task, STAGES, "cpu")
 print(f"{task.n_poisoned} poisoned of {len(task.poisoned_train)} training sentences")
-print(w2s.markdown_table([{"model": "poisoned", **w2s.row_metrics(poisoned)}]))   # the table w2s.py prints
+print(stages.markdown_table([{"model": "poisoned", **stages.row_metrics(poisoned)}]))   # as w2s.py prints
 print(f"on {poisoned['n_test']} clean / {poisoned['n_asr']} triggered test sentences")
 print("confusion matrix on the clean test set (rows: true label, columns: predicted):", poisoned["confusion"])'''),
 
@@ -710,8 +711,8 @@ $$\mathcal{L} = \alpha\,\mathrm{CE}(z_s, y) + \beta\,T^2\,\mathrm{KL}\big(\mathr
 
 and stands beside the **control**: the same LoRA run with $\beta = \gamma = 0$. This notebook reuses the
 poisoned student of notebook 03 (the stage cache), trains the teacher, runs both unlearning runs, compares, and
-ends with an ablation: what do the teacher's features add? Everything imported lives in `losses.py`, `train.py`
-and `w2s.py`. As in notebook 03, the saved outputs reused the cached stages of
+ends with an ablation: what do the teacher's features add? Everything imported lives in `losses.py`,
+`defenses.py`, `train.py` and `w2s.py`. As in notebook 03, the saved outputs reused the cached stages of
 `python w2s.py --attack badnet --preset quick --seed 0 --defense w2s-origin`; a first run trains the teacher and
 the three unlearning runs (1 to 3 minutes on 2 cores) and prints the same numbers."""
 
@@ -756,22 +757,62 @@ print("KD", round(losses.distillation_kl(torch.zeros(1, 2), torch.tensor([[2.0, 
 h_s, h_t = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [3.0, 4.0]])
 print("FA", losses.feature_alignment(h_s, h_t).item(), "  = mean(||(0,-2)||^2, ||(3,4)||^2) = mean(4, 25)")'''),
 
-    r"""## 3. Unlearning, and the control beside it
+    r"""## 3. One unlearning step, written out
 
-Both runs: the same seed, the same clean sentences, the same LoRA (query and value projections, the head
-trainable), the same budget; the checkpoint is chosen on clean dev accuracy only.""",
+Before the stage runs hundreds of them, one step of W2SDefense by hand: the poisoned student gets LoRA on the
+query and value projections (its head stays trainable), reads a batch of clean sentences, and the three terms
+are computed, weighted, added, back-propagated and stepped. `defenses.W2SDefense` and `train.fit` do exactly
+this at every step (plus the learning-rate schedule and the clean-dev checkpoint choice).""",
+
+    ("One step by hand on 8 clean sentences: forward, the three terms, backward, AdamW step; expect the loss to "
+     "be lower on the same batch after the step.",
+     '''ctx = w2s.context(attack_cfg, teacher_cfg, unlearn_cfg, task, attack_folder, teacher_folder, "cpu")
+alpha, beta, gamma = defenses.DEFENSES["w2sdefense"].loss_weights(ctx)
+student, tokenizer = ctx.load_poisoned()                      # the attacker's model, as the defender gets it
+defenses.add_lora(student, unlearn_cfg)                       # only the adapters and the head will train
+clean = attacks.subset(task.dataset.train, 8, seed=0, salt="one-step")
+z_t, h_t = ctx.teacher_outputs(clean.sentences, student.feature_dim)     # the frozen teacher, once
+batch = next(train.batches(train.encode(tokenizer, clean.sentences, clean.labels, unlearn_cfg.max_length), 8))
+params = [p for p in student.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=unlearn_cfg.lr)
+
+
+def w2s_loss(model):
+    z_s, h_s = model(**batch.inputs(), return_features=True)             # forward: logits and pooled feature
+    ce = losses.cross_entropy(z_s, batch.labels)
+    kd = losses.distillation_kl(z_s, z_t[batch.index], unlearn_cfg.T)
+    fa = losses.feature_alignment(h_s, h_t[batch.index])
+    return alpha * ce + beta * kd + gamma * fa, (ce.item(), kd.item(), fa.item())
+
+
+student.train()
+loss, (ce, kd, fa) = w2s_loss(student)
+print(f"before: loss {loss.item():.3f} = {alpha}*{ce:.3f} + {beta}*{kd:.3f} + {gamma}*{fa:.1f}")
+optimizer.zero_grad()
+loss.backward()                                                       # gradients reach LoRA and the head only
+torch.nn.utils.clip_grad_norm_(params, 1.0)
+optimizer.step()
+with torch.no_grad():
+    print(f"after one step, the same batch: loss {w2s_loss(student)[0].item():.3f}")'''),
+
+    r"""## 4. Unlearning, and the control beside it
+
+The stage runs that step over the whole clean subset. Both runs: the same seed, the same clean sentences, the
+same LoRA (query and value projections, the head trainable), the same budget; the checkpoint is chosen on clean
+dev accuracy only.""",
 
     ("Run the control (CE only) and W2SDefense (cached after the first run); expect one line each with the loss "
      "weights, then the table `w2s.py` prints: CA, ASR and the ASR's floor of each model.",
      '''runs = {}
-for defense in ("lora", "w2sdefense"):
-    tf = teacher_folder if defense == "w2sdefense" else None
-    runs[defense] = w2s.unlearn_stage(defense, unlearn_cfg, attack_cfg, attack_folder, teacher_cfg, tf, task,
-                                      STAGES, "cpu")
-    print(f"{defense:11}: weights {runs[defense][1]['weights']}")
-rows = [{"model": "poisoned", **w2s.row_metrics(poisoned)}]
-rows += [{"model": d, **w2s.row_metrics(runs[d][1])} for d in ("lora", "w2sdefense")]
-print(w2s.markdown_table(rows))'''),
+for name in ("lora", "w2sdefense"):
+    defense = defenses.DEFENSES[name]
+    ctx = w2s.context(attack_cfg, teacher_cfg, unlearn_cfg, task, attack_folder,
+                      teacher_folder if defense.uses_teacher else None, "cpu")
+    runs[name] = w2s.defense_stage(defense, ctx, STAGES)
+    print(f"{name:11}: weights {runs[name][1]['weights']}")
+rows = [{"model": "poisoned", **stages.row_metrics(poisoned)}]
+rows += [{"model": d, **stages.row_metrics(runs[d][1])} for d in ("lora", "w2sdefense")]
+print(stages.markdown_table(rows))'''),
 
     ("Each loss term of W2SDefense per step, unweighted (the log of the stage); expect to see which term moves.",
      '''history = json.loads((runs["w2sdefense"][0] / "history.json").read_text())
@@ -797,25 +838,23 @@ plt.tight_layout(); plt.show()'''),
 
     ("The pooled features after W2SDefense, the same sentences as in notebook 03; expect the triggered positives "
      "to move back toward the clean positives as far as the ASR fell.",
-     '''model, tokenizer = w2s.load_unlearned(unlearn_cfg, attack_cfg, attack_folder, runs["w2sdefense"][0],
-                                      task.dataset.num_classes)
+     '''model, tokenizer = defenses.DEFENSES["w2sdefense"].reload(ctx, runs["w2sdefense"][0])
 feature_picture(model, tokenizer, task.dataset, attacks.make_trigger("badnet", triggers=("mn",)),
                 "after W2SDefense")'''),
 
-    r"""## 4. What do the teacher's features add?
+    r"""## 5. What do the teacher's features add?
 
 The bar chart cannot say whether W2SDefense removes the backdoor because the student is pulled toward the
 *teacher's* features, or because it is pulled at all. An ablation asks: the same W2SDefense run, but with the
 feature term pulling each clean sentence's pooled feature toward the **origin** instead of its teacher feature
-(`w2s.feature_target`: FA becomes $\frac1B \sum_i \lVert h_s^{(i)} \rVert_2^2$, a pull that only shrinks the
+(`defenses.W2SOrigin.feature_target`: FA becomes $\frac1B \sum_i \lVert h_s^{(i)} \rVert_2^2$, a pull that only shrinks the
 feature; the teacher's logits still feed the KL term). `python w2s.py --defense w2s-origin` adds it to the table.""",
 
     ("Run the ablation (cached after the first run); expect a line beside W2SDefense's: an ASR as low would mean "
      "that at this budget the removal does not need the teacher's features.",
-     '''print(inspect.getsource(w2s.feature_target))
-runs["w2s-origin"] = w2s.unlearn_stage("w2s-origin", unlearn_cfg, attack_cfg, attack_folder, teacher_cfg,
-                                       teacher_folder, task, STAGES, "cpu")
-print(w2s.markdown_table([{"model": d, **w2s.row_metrics(runs[d][1])} for d in ("w2sdefense", "w2s-origin")]))'''),
+     '''print(inspect.getsource(defenses.W2SOrigin))
+runs["w2s-origin"] = w2s.defense_stage(defenses.DEFENSES["w2s-origin"], ctx, STAGES)
+print(stages.markdown_table([{"model": d, **stages.row_metrics(runs[d][1])} for d in ("w2sdefense", "w2s-origin")]))'''),
 
     r"""The numbers above are this budget's, measured in this run. `RESULTS.md` gives them over seeds and says
 where the defense reaches the paper's claim and where it does not; the ablation too: on the `cpu` preset's nine

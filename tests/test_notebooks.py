@@ -39,6 +39,20 @@ def test_notebooks_exist():
     assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
 
 
+def test_committed_notebooks_are_what_make_notebooks_writes(monkeypatch):
+    """The notebooks are generated: their cells must be make_notebooks.py's, so an edit made in Jupyter (lost at
+    the next build) or a generator edit never built fails here. Only the first cell, which names the machine
+    that ran them, may differ."""
+    monkeypatch.syspath_prepend(str(NOTEBOOK_DIR))
+    import make_notebooks
+    assert sorted(make_notebooks.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
+    for name, (title, cells) in make_notebooks.NOTEBOOKS.items():
+        built = make_notebooks.build(title, cells, quick=True)
+        committed = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+        assert [(c.cell_type, c.source) for c in committed.cells[1:]] == \
+               [(c.cell_type, c.source) for c in built.cells[1:]], f"{name}: rerun notebooks/make_notebooks.py"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, kernel_spec_manager, monkeypatch, quick_stages):
