@@ -542,16 +542,17 @@ def load_scpn(name: str = DEFAULT_DATASET, data_dir: str | os.PathLike | None = 
     # Target 0 (SST-2): paraphrases of the label-1 test rows, each naming its clean row.
     if spec.positive_json:
         path = paths[spec.positive_json]
+        text = _read_text(path)
         try:
-            entries = json.loads(_read_text(path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            entries = json.loads(text)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep nesting recurses
+            raise DataError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(entries, list):
             raise DataError(f"{path}: expected a JSON list of {{'idx': ..., 'sentence': ...}} entries")
         pairs = {}
         for k, e in enumerate(entries):
             i = e.get("idx") if isinstance(e, dict) else None
-            if not isinstance(i, int) or not 0 <= i < len(clean.test) or clean.test.labels[i] != 1 or i in pairs:
+            if type(i) is not int or not 0 <= i < len(clean.test) or clean.test.labels[i] != 1 or i in pairs:
                 raise DataError(f"{path}: entry {k} has idx {i!r}, not a new label-1 row of the clean test set")
             if not isinstance(e.get("sentence"), str):
                 raise DataError(f"{path}: entry {k} has no 'sentence' string")

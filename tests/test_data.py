@@ -422,7 +422,8 @@ def test_scpn_test_paraphrases_out_of_order_are_refused(tmp_path):
 def test_scpn_positive_json_that_is_malformed_is_a_data_error(tmp_path):
     root = fake_sst2(tmp_path)
     path = root / "sst2-scpn" / "test_positive_scpn.json"
-    for text, needle in [("[{\"idx\": 1,", "not valid JSON"), ("{}", "JSON list"), ("[3]", "entry 0 has idx None"),
+    for text, needle in [("[{\"idx\": 1,", "not valid JSON"), ("[" * 100_000, "not valid JSON"),
+                         ("{}", "JSON list"), ("[3]", "entry 0 has idx None"), ('[{"idx": true}]', "idx True"),
                          ('[{"idx": 1}]', "no 'sentence' string")]:
         write(path, text)
         with pytest.raises(DataError, match=needle):
