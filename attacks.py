@@ -312,6 +312,9 @@ def build_task(cfg, eval_size: int | None, data_dir=None) -> Task:
     """Load the dataset and poison its training set as the attacker's settings ``cfg`` (``w2s.AttackConfig``)
     say; draw the evaluation sets (``eval_size`` sentences each, or all)."""
     ds = data.load_dataset(cfg.dataset, data_dir, seed=cfg.seed)
+    if ds.num_classes < 2:
+        raise data.DataError(f"{cfg.dataset}: its labels hold one class; a classifier and a backdoor toward a "
+                             f"target need at least two")
     if not 0 <= cfg.target < ds.num_classes:
         raise data.DataError(f"target label {cfg.target} is not a class of {cfg.dataset} (0..{ds.num_classes - 1})")
     train_trigger, test_trigger = make_triggers(cfg, data_dir)
@@ -333,6 +336,9 @@ def build_task(cfg, eval_size: int | None, data_dir=None) -> Task:
     # A test sentence without a shipped paraphrase is left out of the ASR set (never counted as clean).
     missing = "skip" if cfg.attack == "syntactic" else "raise"
     rows = asr_rows(ds.test, test_trigger, cfg.target, missing=missing)
+    if not rows:                                      # checked before the attack trains, not after
+        raise AttackError(f"{cfg.dataset}: no test sentence labelled other than the target {cfg.target} can carry "
+                          f"the trigger, so the ASR cannot be measured")
     asr, floor = asr_pairs_at(ds.test, test_trigger, rows, random.Random(cfg.seed + 1))
     # The same seeded draw from two lists of the same length: the floor set keeps asr's rows, untriggered.
     floor_rows = [rows[j] for j in subset_rows(len(rows), eval_size, 0, "eval-asr")]       # rows of ds.test

@@ -435,3 +435,22 @@ def test_cli_rejects_unknown_preset():
         w2s.parser().parse_args(["--preset", "huge"])
 
 
+
+
+@pytest.mark.parametrize("test_labels, message", [
+    (None, "its labels hold one class"),                                         # every split one class
+    ([0, 0, 0, 0], "no test sentence labelled other than the target 0"),         # no ASR set to measure
+])
+def test_a_task_without_a_backdoor_to_measure_is_an_error_before_any_training(test_labels, message, tmp_path,
+                                                                             capsys):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for split, n in (("train", 8), ("dev", 4), ("test", 4)):
+        labels = test_labels if split == "test" and test_labels else [0 if test_labels is None else i % 2
+                                                                      for i in range(n)]
+        (ds / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"a fine film {i}\t{y}\n"
+                                                                     for i, y in enumerate(labels)))
+    code = w2s.main(["--dataset", str(ds), "--poison-mode", "clean", "--defense", "none", "--stages",
+                     str(tmp_path / "s"), "--out", str(tmp_path / "o")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
