@@ -19,6 +19,7 @@ The outcome counts per format are printed at the end of the module (run pytest w
 """
 
 import collections
+import copy
 import json
 import os
 import re
@@ -147,7 +148,7 @@ def mutate_json(data, header: dict) -> tuple[dict, list]:
                 if op == "swap":
                     other["data_offsets"], entry["data_offsets"] = entry["data_offsets"], other["data_offsets"]
                 else:
-                    entry["data_offsets"] = list(other["data_offsets"])
+                    entry["data_offsets"] = copy.deepcopy(other["data_offsets"])
         elif op == "drop_field" and entry:
             del entry[data.draw(st.sampled_from(sorted(entry)), label="field")]
         elif op == "extra_field":
