@@ -51,7 +51,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize
 
 # accepted-and-equal / refused by both / refused by us only / anything else, per format
 OUTCOMES = {"safetensors": collections.Counter(), "gguf": collections.Counter()}
-WORKDIR = Path(tempfile.mkdtemp(prefix="w2s-fuzz-"))
+_WORKDIR = tempfile.TemporaryDirectory(prefix="w2s-fuzz-")  # removed when the test session ends
+WORKDIR = Path(_WORKDIR.name)
 
 
 @pytest.fixture(scope="module", autouse=True)
