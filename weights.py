@@ -195,7 +195,7 @@ def _check_safetensors_entry(path: Path, name: str, entry: Any, file_size: int) 
         raise _fail(path, f"tensor '{name}' has unknown dtype {dtype_name!r:.40} "
                           f"(this reader knows {', '.join(_ST_DTYPES)})",
                     "convert the file to one of those dtypes")
-    _check_dims(path, f"tensor '{name}'", shape, file_size, _ST_TODO)
+    _check_dims(path, f"tensor '{name}'", shape, file_size, _ST_TODO)  # an element takes a byte or more
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise _fail(path, f"tensor '{name}' has invalid data_offsets {offsets!r:.100}", _ST_TODO)
@@ -605,7 +605,7 @@ def _read_tensor_info(path: Path, cur: _Cursor) -> _TensorInfo:
     if dims[0] % gtype.block:
         raise _fail(path, f"tensor '{name}' has ne0 = {dims[0]}, not a multiple of the {gtype.name} block "
                           f"size {gtype.block}", _GGUF_TODO)
-    _check_dims(path, f"tensor '{name}'", dims, len(cur.buf) * gtype.block, _GGUF_TODO)
+    _check_dims(path, f"tensor '{name}'", dims, len(cur.buf) * gtype.block, _GGUF_TODO)  # a block takes a byte or more
     nbytes = math.prod(dims) // gtype.block * gtype.size
     return _TensorInfo(name, dims, gtype, offset, nbytes)
 
