@@ -5,6 +5,8 @@
     W2SOrigin   W2SDefense with FA pulled toward the origin          do the teacher's features matter?
     MixW2S      the backbone mixed back toward the pretrained one, then W2SDefense
     SamW2S      W2SDefense with sharpness-aware steps (sam.py)
+    MuScleLoRA  from the PRETRAINED student, LoRA + a multi-scale head branch on the POISONED training set,
+                every gradient aligned with a clean reference gradient (arXiv 2402.12026): a training-time defense
 
 The pipeline (``w2s.defense_stage``) runs every defense the same way::
 
@@ -15,8 +17,8 @@ The pipeline (``w2s.defense_stage``) runs every defense the same way::
 Adding a defense means one class here, registered in ``DEFENSES``, and one test file. The interface is meant for
 more than today's unlearning defenses:
 
-* a defense that trains on the poisoned training set from the pretrained student (MuScleLoRA) overrides ``start``
-  (``ctx.load_pretrained``) and ``train_split`` (``ctx.task.poisoned_train``), or ``train`` whole;
+* a defense that trains on the poisoned training set from the pretrained student overrides ``start``
+  (``ctx.load_pretrained``) and ``train_split`` (``ctx.task.poisoned_train``), or ``train`` whole (MuScleLoRA);
 * a defense that perturbs hidden states inside the model (BEEAR, CROW) overrides ``loss`` or ``train`` and hooks
   the blocks of ``model.backbone``;
 * a test-time input filter (ONION) trains nothing and overrides ``screen``, which rewrites the sentences the model
@@ -26,6 +28,7 @@ more than today's unlearning defenses:
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 import attacks
+import data
 import lora
 import losses
 import models
@@ -116,17 +120,19 @@ class Defense:
 # The control, and W2SDefense on top of it
 # ----------------------------------------------------------------------------------------------
 
-def add_lora(model, cfg) -> int:
+def add_lora(model, cfg, trainable=("head",), generator: torch.Generator | None = None) -> int:
     """LoRA on the projections named by ``cfg.targets`` (the preset: attention query and value) of the top
-    ``cfg.lora_layers`` blocks, or of all; the classification head stays fully trainable. Returns how many bottom
-    blocks stay frozen."""
+    ``cfg.lora_layers`` blocks, or of all; the classification head stays fully trainable (``trainable``: the
+    prefixes of the parameters kept trainable beside the adapters). The A matrices are drawn from ``generator``,
+    by default one seeded with ``cfg.seed``. Returns how many bottom blocks stay frozen."""
     frozen = train.frozen_blocks(model, cfg.lora_layers)
     present = {name.rsplit(".", 1)[-1] for name, m in model.backbone.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [name for name in cfg.targets if name not in present]
     if missing:
         raise ValueError(f"LoRA targets {missing} are not projections of this student; it has {sorted(present)}")
     lora.inject_lora(model, targets=tuple(cfg.targets), r=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     generator=torch.Generator().manual_seed(cfg.seed), trainable=("head",),
+                     generator=torch.Generator().manual_seed(cfg.seed) if generator is None else generator,
+                     trainable=trainable,
                      within=[f"backbone.blocks.{i}." for i in range(frozen, len(model.backbone.blocks))])
     return frozen
 
@@ -331,7 +337,223 @@ class SamW2S(W2SDefense):
         return {**super().report(ctx), "sam": self.rho}
 
 
-DEFENSES = {d.name: d for d in (Control(), W2SDefense(), W2SOrigin(), MixW2S(), SamW2S())}
+# ----------------------------------------------------------------------------------------------
+# MuScleLoRA: a training-time defense, from the pretrained student on the poisoned training set
+# ----------------------------------------------------------------------------------------------
+
+MIN_REF_GRAD_NORM = 5e-7              # the authors' threshold below which the reference gradient is not trusted
+
+
+def align_gradients(grads, refs, min_ref_norm: float = MIN_REF_GRAD_NORM) -> tuple[list, bool]:
+    """MuScleLoRA's gradient alignment: each tensor's gradient ``g`` becomes its projection's length along that
+    tensor's clean reference gradient ``r``, pointing along ``+r`` whatever the sign of the projection::
+
+        g  <-  |<g, r>| / ||r||^2 * r
+
+    Nothing is replaced when the mean of ``||r||`` over the tensors is at most ``min_ref_norm`` (the reference
+    batch says nothing: the raw gradients are kept), and a tensor whose ``r`` is zero or ``None`` (or whose ``g`` is
+    ``None``) keeps its ``g``. Returns the new gradients (the same objects where kept) and whether the replacement
+    happened."""
+    grads, refs = list(grads), list(refs)
+    if len(grads) != len(refs):
+        raise ValueError(f"{len(grads)} gradients but {len(refs)} reference gradients")
+    if not grads:
+        return grads, False
+    present = [r for r in refs if r is not None]
+    found = iter(torch.stack([_norm(r) for r in present]).tolist() if present else [])
+    norms = [0.0 if r is None else next(found) for r in refs]              # one transfer, not one per tensor
+    if not sum(norms) / len(norms) > min_ref_norm:
+        return grads, False
+    out = []
+    for g, r, r_norm in zip(grads, refs, norms):
+        if g is None or r is None or r_norm == 0.0:      # (a zero g needs no skip: |<0, r>| r / ||r||^2 is 0)
+            out.append(g)
+            continue
+        unit = r.float() / r_norm                  # |<g, r>| / ||r||^2 * r = |<g, u>| * u with u = r / ||r||: never
+        out.append(((g.float() * unit).sum().abs() * unit).to(g.dtype))       # squares a tiny ||r||, which underflows
+    return out, True
+
+
+def _norm(r: torch.Tensor) -> torch.Tensor:
+    """``||r||`` in float32 on any device, scaled by its largest entry first, so a tiny ``r`` does not underflow."""
+    r = r.float()
+    top = r.abs().amax()
+    return torch.linalg.vector_norm(r / top.clamp_min(torch.finfo(torch.float32).tiny)) * top
+
+
+class GradientAlignment:
+    """``train.fit``'s ``before_step`` for MuScleLoRA: at every step, the gradient of the loss on one batch of the
+    clean reference set (``batch_size`` rows drawn afresh from it, with a generator of its own, so the training
+    batches are those of a run without it) is each trained tensor's ``r``, and ``align_gradients`` rewrites
+    ``p.grad`` with it. Logs the reference batch's CE (``ref_ce``) and whether the gradients were replaced
+    (``aligned``, 1 or 0)."""
+
+    def __init__(self, reference: train.Encoded, batch_size: int, seed: int, device, bf16: bool,
+                 min_ref_norm: float = MIN_REF_GRAD_NORM, loss_fn: Callable = train.cross_entropy_loss):
+        if len(reference) == 0:
+            raise ValueError("the clean reference set is empty")
+        self.reference, self.batch_size, self.device, self.bf16 = reference, batch_size, device, bf16
+        self.min_ref_norm, self.loss_fn = min_ref_norm, loss_fn
+        self.rng = random.Random(f"muscle-reference-batches-{seed}")
+
+    def __call__(self, model, params) -> dict:
+        rows = self.rng.sample(range(len(self.reference)), min(self.batch_size, len(self.reference)))
+        batch = train.collate(self.reference, rows).to(self.device)
+        with train.autocast(self.device, self.bf16):
+            loss, _ = self.loss_fn(model, batch)
+        refs = torch.autograd.grad(loss, params, allow_unused=True)
+        grads, aligned = align_gradients([p.grad for p in params], refs, self.min_ref_norm)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return {"ref_ce": loss.item(), "aligned": float(aligned)}
+
+
+def reference_split(dataset, dev, size: int, seed: int) -> tuple:
+    """MuScleLoRA's clean reference set and the dev set left for selection: ``(reference, selection)``.
+
+    The reference set is a seeded draw of ``size`` sentences of the clean dev split (``dataset.dev``, all of it,
+    whatever subset of it selects checkpoints), among those that are not also test sentences; ``selection`` is
+    ``dev`` (the run's selection dev set) without any sentence of the reference set. So the reference set shares
+    no sentence with the selection set or with the test set. A ValueError if ``size`` is more than can be drawn or
+    leaves no sentence to select on."""
+    in_test = set(dataset.test.sentences)
+    eligible = [i for i, s in enumerate(dataset.dev.sentences) if s not in in_test]
+    if size < 1 or size > len(eligible):
+        raise ValueError(f"MuScleLoRA's clean reference set of {size} sentences must be 1 to the {len(eligible)} dev "
+                         f"sentences of {dataset.name} that are not test sentences")
+    rows = sorted(random.Random(f"muscle-reference-{seed}").sample(eligible, size))
+    reference = data.Split([dataset.dev.sentences[i] for i in rows], [dataset.dev.labels[i] for i in rows])
+    drawn = set(reference.sentences)
+    keep = [i for i, s in enumerate(dev.sentences) if s not in drawn]
+    if not keep:
+        raise ValueError(f"MuScleLoRA's clean reference set of {size} sentences takes every one of the {len(dev)} "
+                         f"dev sentences that select checkpoints; it must leave some")
+    return reference, data.Split([dev.sentences[i] for i in keep], [dev.labels[i] for i in keep])
+
+
+class MuScleLoRA(Defense):
+    """MuScleLoRA (Wu et al., ACL 2024, arXiv 2402.12026): a TRAINING-TIME defense. The defender fine-tunes the
+    pretrained student on the possibly-poisoned training set (the attacker's own, ``ctx.task.poisoned_train``) so
+    that it learns the task but not the backdoor; no poisoned student is involved. Three parts:
+
+    * LoRA of rank 2, alpha 8, no dropout, on the attention query and value projections of every block (the top 6
+      in the quick preset, as every stage there);
+    * the head gets a multi-scale low-rank branch, ``y = W0 h + (alpha_m / r_in) * h (R diag(K) L)^T`` with
+      K = [1, 2, 3, 4], r_in = 1, alpha_m = 4 (``lora.MultiScaleLowRank``; W0, the fresh seeded head, frozen);
+    * at every step each trained tensor's gradient is aligned with its gradient on one batch of a clean reference
+      set of ``ref_size`` dev sentences (``align_gradients``, ``GradientAlignment``), which are taken out of the
+      dev set that selects the checkpoint (``reference_split``).
+
+    The loss is plain CE; AdamW without weight decay, linear decay without warm-up, gradients clipped at 1.0,
+    batch 16, the best checkpoint by clean dev accuracy, one reading per epoch. docs/method.md, "The other
+    defenses", says which choices are the authors' and which ours.
+
+    ``budget`` sets the run's unlearning settings to these (a user's ``--epochs``, ``--lr``, ``--rank``,
+    ``--lora-alpha``, ``--lora-layers``, ``--lora-targets`` still win); the unlearning defenses' own settings,
+    which MuScleLoRA does not read, are pinned to ``unused`` and ``checks.check_configs`` refuses any other.
+    """
+    name = "muscle"
+    beside = ()
+    needs = ("poisoned training set", "pretrained weights", "clean data")     # clean data: the reference set
+
+    # TO BE CHOSEN ON THE CLEAN DEV SET (not chosen yet; never on test): the authors' values for their LLMs
+    # stand in until then.
+    epochs = 5.0
+    lr = 1e-5
+
+    # The authors' settings (their LLM configuration).
+    rank = 2
+    lora_alpha = 8.0
+    scales = (1, 2, 3, 4)                 # K, each repeated inner_rank times
+    inner_rank = 1                        # r_in
+    mslr_alpha = 4.0                      # alpha_m: the branch is scaled by alpha_m / r_in = 4
+    ref_size = 128                        # clean reference sentences, carved from dev
+    min_ref_grad_norm = MIN_REF_GRAD_NORM
+    batch_size = 16
+    max_grad_norm = 1.0
+    weight_decay = 0.0
+
+    # What the unlearning defenses' settings must be for this run (its loss is CE of weight 1 on no clean subset).
+    unused = dict(alpha=1.0, beta=0.0, gamma=0.0, fa="l2", weights="ours", clean_size=None)
+    # The attacker's training settings: the poisoned student is never read, so they stay out of the stage's key.
+    attack_unread = ("epochs", "lr", "batch_size", "warmup_ratio", "evals_per_epoch", "bf16", "freeze_embeddings",
+                     "train_layers")
+
+    @property
+    def budget(self) -> dict:
+        own = dict(epochs=self.epochs, lr=self.lr, rank=self.rank, lora_alpha=self.lora_alpha, lora_dropout=0.0,
+                   targets=("q_proj", "v_proj"), batch_size=self.batch_size, evals_per_epoch=1, **self.unused)
+        return {preset: dict(own) for preset in ("quick", "cpu", "paper")}
+
+    def start(self, ctx: Context):
+        """The model the training begins from: the pretrained student with a fresh seeded head."""
+        return ctx.load_pretrained()
+
+    def train_split(self, ctx: Context):
+        """What it trains on: the attacker's poisoned training set."""
+        return ctx.task.poisoned_train
+
+    def reference_split(self, ctx: Context) -> tuple:
+        """(the clean reference set, the dev set left for selection): ``reference_split`` with ``ref_size``."""
+        try:
+            return reference_split(ctx.task.dataset, ctx.task.dev, self.ref_size, ctx.unlearn.seed)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    def add_adapters(self, model, cfg) -> int:
+        """LoRA on ``cfg.targets`` (``add_lora``, nothing else trainable), then the head wrapped in
+        ``lora.MultiScaleLowRank``; one generator seeded with ``cfg.seed`` draws every A, then L and R. Returns the
+        number of frozen bottom blocks."""
+        generator = torch.Generator().manual_seed(cfg.seed)
+        frozen = add_lora(model, cfg, trainable=(), generator=generator)
+        model.head = lora.MultiScaleLowRank(model.head, self.scales, self.inner_rank, self.mslr_alpha, generator)
+        return frozen
+
+    def train(self, ctx: Context) -> Trained:
+        u, device = ctx.unlearn, ctx.device
+        model, tokenizer = self.start(ctx)
+        frozen = self.add_adapters(model, u)
+        model.to(device)
+        reference, selection = self.reference_split(ctx)
+        memo_key = ("pretrained", ctx.attack.student)           # every frozen block is the pretrained student's
+
+        def encode(split):
+            return train.encode_for(model, tokenizer, split, u.max_length, frozen, device, memo_key, u.bf16)
+        train_data, dev_data, ref_data = encode(self.train_split(ctx)), encode(selection), encode(reference)
+        cfg = train.fit_config(u, warmup_ratio=0.0, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+        align = GradientAlignment(ref_data, u.batch_size, u.seed, device, u.bf16, self.min_ref_grad_norm)
+        fit = train.fit(model, train_data, dev_data, cfg, loss_fn=train.cross_entropy_loss, device=device,
+                        desc=f"train: {self.name}", before_step=align)
+        return Trained(model, tokenizer, fit, frozen, memo_key)
+
+    def settings(self) -> dict:
+        return {"scales": list(self.scales), "inner_rank": self.inner_rank, "mslr_alpha": self.mslr_alpha,
+                "ref_size": self.ref_size, "min_ref_grad_norm": self.min_ref_grad_norm,
+                "max_grad_norm": self.max_grad_norm, "weight_decay": self.weight_decay, "warmup_ratio": 0.0}
+
+    def key_parts(self, ctx: Context) -> list:
+        # Everything the stage reads: the defender's settings but the unlearning defenses' own, the attacker's but
+        # its training (the poisoned set, the student, the selection dev set, the seed), no teacher, the data,
+        # and MuScleLoRA's settings.
+        u = dataclasses.replace(ctx.unlearn, **{k: None for k in (*self.unused, "T")})
+        a = dataclasses.replace(ctx.attack, **{k: None for k in self.attack_unread})
+        return [u, a, None, self.stage_info(ctx), {"muscle": self.settings()}]
+
+    def report(self, ctx: Context) -> dict:
+        u = ctx.unlearn
+        return {"rank": u.rank, "lora_alpha": u.lora_alpha, **self.settings()}
+
+    def save(self, model, folder: Path) -> None:
+        lora.save_lora(model, folder / "lora.safetensors")       # the adapters, L and R; W0 is the seeded head
+
+    def reload(self, ctx: Context, folder: Path):
+        model, tokenizer = self.start(ctx)
+        self.add_adapters(model, ctx.unlearn)
+        lora.load_lora_state_dict(model, stages.read_stage_tensors(folder / "lora.safetensors"))
+        return model.eval(), tokenizer
+
+
+DEFENSES = {d.name: d for d in (Control(), W2SDefense(), W2SOrigin(), MixW2S(), SamW2S(), MuScleLoRA())}
 
 
 def rows(defense: str) -> list[str]:

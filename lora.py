@@ -16,6 +16,8 @@ and trains on clean data only. This module provides:
 - `inject_lora`: swaps named `nn.Linear` layers for wrappers and freezes the rest of the model.
 - `merge_lora`, `unmerge_lora`, `lora_state_dict`, `load_lora_state_dict`, `save_lora`, `load_lora`,
   `count_trainable`, `lora_parameter_count`.
+- `MultiScaleLowRank`: MuScleLoRA's multi-scale low-rank branch beside a frozen `nn.Linear` (the head, for
+  `--defense muscle`).
 
 Runtime imports: standard library and torch only. Saving to disk goes through `weights.py` (safetensors),
 imported lazily inside `save_lora` / `load_lora`.
@@ -123,6 +125,74 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class MultiScaleLowRank(nn.Module):
+    """A frozen `nn.Linear` plus MuScleLoRA's multi-scale low-rank branch (MSLR; Wu et al., ACL 2024,
+    arXiv 2402.12026):
+
+        y = W0 x + b0 + (alpha / r_in) · x (R diag(K) L)^T
+
+    K holds each of `scales` repeated `inner_rank` (r_in) times, so the branch is a sum of rank-r_in updates
+    scaled by 1, 2, ..., each frequency band its own; `L` is (len(scales) · r_in, in), `R` is (out, len(scales) ·
+    r_in), both kaiming-uniform (a = sqrt(5)) from `generator`: unlike LoRA's B = 0, the branch is NOT zero at
+    step 0. Only `L` and `R` train; `base` (W0, b0) stays frozen. With one scale, K = [1], this is `LoRALinear`
+    with A = L, B = R and no dropout.
+
+    Where it sits: here on our student's single linear head, `Linear(576 -> C)`. The authors (their LLM
+    setting) put it instead on the first layer of a two-layer head they add themselves, `576 -> 16` (no bias)
+    -> dropout 0.1 -> `16 -> C` (no bias), both layers randomly initialised and frozen, so that MSLR's L and R
+    are the head's only trainable weights; their K = [1, 2, 3, 4], r_in = 1, alpha = 4 (scaling 4).
+
+    `L` and `R` are float32 whatever the base dtype, as `LoRALinear`'s A and B; `K` is a (non-saved) buffer.
+    """
+
+    def __init__(self, base: nn.Linear, scales=(1, 2, 3, 4), inner_rank: int = 1, alpha: float = 4.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MultiScaleLowRank wraps an nn.Linear, got {type(base).__name__}")
+        _check_rank_alpha(inner_rank, alpha)
+        scales = tuple(scales)
+        if not scales or any(not k > 0 for k in scales):
+            raise ValueError(f"MSLR scales must be positive numbers, at least one, got {scales!r}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.scales = scales
+        self.inner_rank = int(inner_rank)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.inner_rank          # alpha / r_in
+        n = len(scales) * self.inner_rank
+        device = base.weight.device
+        K = torch.tensor([float(k) for k in scales for _ in range(self.inner_rank)], dtype=torch.float32)
+        self.register_buffer("K", K.to(device), persistent=False)          # (n,): each scale r_in times
+        L = torch.empty(n, base.in_features, dtype=torch.float32)          # (n, in)
+        R = torch.empty(base.out_features, n, dtype=torch.float32)         # (out, n)
+        nn.init.kaiming_uniform_(L, a=KAIMING_A, generator=generator)     # drawn on the CPU, L first
+        nn.init.kaiming_uniform_(R, a=KAIMING_A, generator=generator)
+        self.L = nn.Parameter(L.to(device))
+        self.R = nn.Parameter(R.to(device))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r_in) · R diag(K) L, shape (out, in), float32; never formed in forward."""
+        return (self.R @ (self.K[:, None] * self.L)) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)                                                    # (..., out)
+        h = x.to(self.L.dtype)                                              # (..., in)
+        update = ((h @ self.L.T) * self.K) @ self.R.T * self.scaling       # (..., n) -> (..., out)
+        return y + update.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scales={self.scales}, inner_rank={self.inner_rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
 def _check_rank_alpha(r: int, alpha: float) -> None:

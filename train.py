@@ -401,7 +401,7 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 
 
 def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=cross_entropy_loss,
-        device="cpu", desc: str = "train", progress: bool = True, on_eval=None) -> FitResult:
+        device="cpu", desc: str = "train", progress: bool = True, on_eval=None, before_step=None) -> FitResult:
     """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state.
 
     The clean dev set is read every ``steps_per_epoch // evals_per_epoch`` steps and at the last step, earliest best
@@ -413,6 +413,11 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     measure other dev sets along the way, with ``predict``); it must not train the model. With ``cfg.bf16`` the
     frozen linear weights are held in bf16 while the loop runs (``bf16_weights``), the hook included, so a
     forward pass in it must run under ``autocast(device, True)``, as ``predict(..., bf16=True)`` does.
+
+    ``before_step(model, params)``, if given, is called at every step after ``loss.backward()`` and before the
+    gradients are clipped: it may rewrite ``p.grad`` of the trained ``params`` (MuScleLoRA's gradient alignment,
+    defenses.py), and may return a dict of numbers logged with the step's terms. The same bf16 rule holds for it.
+    Without it the loop is unchanged.
     """
     torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
     rng = random.Random(cfg.seed)                      # batch order
@@ -445,6 +450,8 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
                     loss, terms = loss_fn(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if before_step is not None:
+                    terms = {**terms, **(before_step(model, params) or {})}
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
