@@ -616,7 +616,8 @@ def bert_from_hf(config: dict, t: dict, source: str) -> Bert:
 
 
 def _missing_key_error(source, e: KeyError):
-    return weights.WeightFileError(f"{source}: tensor {e.args[0]!r} not found; is this the right kind of checkpoint?")
+    return weights.WeightFileError(f"{source}: {e.args[0]!r} not found (a tensor, or a metadata key); is this the "
+                                   f"right kind of checkpoint?")
 
 
 # The linear projections of each decoder style, by attribute name: what LoRA can wrap in a block.

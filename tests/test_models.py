@@ -459,3 +459,16 @@ def test_attention_equals_torch_sdpa(n_head, n_kv_head, masking):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                            enable_gqa=n_head != n_kv_head)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_a_gguf_without_a_llama_metadata_key_is_a_weight_file_error_naming_it(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")          # no block count, no widths: not a model
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(weights.WeightFileError, match=r"'llama.block_count' not found \(a tensor, or a metadata key\)"):
+        models.load_decoder(tmp_path / "m.gguf")
