@@ -247,7 +247,7 @@ class W2SDefense(Control):
         return AUTHORS_WEIGHTS[ctx.attack.attack] if u.weights == "authors" else (u.alpha, u.beta, u.gamma)
 
     def key_parts(self, ctx: Context) -> list:
-        return Defense.key_parts(self, ctx)
+        return Defense.key_parts(self, ctx)              # all of it: unlike the control, it reads the teacher
 
     def feature_target(self, h_t: torch.Tensor) -> torch.Tensor:
         """What the feature term pulls each clean sentence's feature toward: its teacher feature ``h_t[i]``."""
