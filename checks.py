@@ -16,7 +16,7 @@ import attacks
 import data
 import defenses
 import models
-import weights
+import registry
 
 # The students' projections LoRA can wrap: attention, then the MLP (Llama-style gate/up/down; GPT-2's fc/proj).
 LORA_TARGETS = tuple(dict.fromkeys(name for names in models.PROJECTIONS.values() for name in names))
@@ -145,7 +145,7 @@ def check_configs(a, t, u, defense: str, data_dir) -> None:
     try:
         check_student(a, u)
         check_teacher(t, defense)
-    except weights.UnknownModelError as e:
+    except registry.UnknownModelError as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -176,7 +176,7 @@ def check_student(a, u) -> None:
     """One of ``check_configs``'s last two, which read model files: that the student has the projections LoRA is
     asked to wrap. Reads the metadata only (seconds), so that a wrong ``--lora-targets`` fails before the attack
     trains (in ``w2s.py`` and the experiments alike), not at the first unlearning stage a quarter of an hour later."""
-    style = models.decoder_style(weights.resolve_student(a.student))
+    style = models.decoder_style(registry.resolve_student(a.student))
     if style is None:
         return
     missing = [name for name in u.targets if name not in models.PROJECTIONS[style]]
@@ -189,4 +189,4 @@ def check_teacher(t, defense: str) -> None:
     """That the teacher a defense needs is a known name or a model folder, with its files here (or fetched now):
     otherwise a wrong ``--teacher`` would fail only after the attack has trained. The control alone needs none."""
     if any(defenses.DEFENSES[row].uses_teacher for row in defenses.rows(defense)):
-        weights.resolve_teacher(t.teacher)
+        registry.resolve_teacher(t.teacher)

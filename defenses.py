@@ -10,9 +10,9 @@
 
 The pipeline (``w2s.defense_stage``) runs every defense the same way::
 
-    trained = defense.train(ctx)            # ctx: a Context, below; returns the model and its training log
-    metrics = evaluate(trained.model, ...)  # CA, ASR and floor on the test sets, after defense.screen
-    defense.save(trained.model, folder)     # what ``reload`` needs to rebuild the model
+    trained = defense.train(ctx)                    # ctx: a Context, below; the model and its training log
+    metrics = train.evaluate(trained.model, ...)    # CA, ASR and floor on the test sets, after defense.screen
+    defense.save(trained.model, folder)             # what ``reload`` needs to rebuild the model
 
 Adding a defense means one class here, registered in ``DEFENSES``, and one test file. The interface is meant for
 more than today's unlearning defenses:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import registry
 import tokenizer as tok
 import weights
 
@@ -687,14 +688,14 @@ def load_encoder(path) -> tuple[Bert, dict]:
         raise _missing_key_error(path, e) from None
 
 
-def load_student(name_or_path: str = weights.DEFAULT_STUDENT) -> tuple[GPT, tok.Tokenizer]:
+def load_student(name_or_path: str = registry.DEFAULT_STUDENT) -> tuple[GPT, tok.Tokenizer]:
     """Load a decoder LM and its tokenizer: a registry name (``smollm2-135m``, ``gpt2``, ...), a local
     ``.gguf`` file, or a folder with ``model.safetensors`` + ``config.json`` (GPT-2 or Llama).
 
     Weights are dequantized to float32. Returns ``(model, tokenizer)`` with the model in eval mode.
     The tokenizer comes from the GGUF itself, or from ``vocab.json`` + ``merges.txt`` in the folder.
     """
-    path = Path(weights.resolve_student(name_or_path))
+    path = Path(registry.resolve_student(name_or_path))
     model, meta = load_decoder(path)
     if path.suffix == ".gguf":
         tokenizer = tok.bpe_tokenizer_from_gguf(meta)
@@ -706,10 +707,10 @@ def load_student(name_or_path: str = weights.DEFAULT_STUDENT) -> tuple[GPT, tok.
     return model.eval(), tokenizer
 
 
-def load_teacher(name_or_path: str = weights.DEFAULT_TEACHER) -> tuple[Bert, tok.Tokenizer]:
+def load_teacher(name_or_path: str = registry.DEFAULT_TEACHER) -> tuple[Bert, tok.Tokenizer]:
     """Load a BERT-style encoder and its WordPiece tokenizer: a registry name (``minilm-l6``,
     ``bert-base-uncased``) or a folder with ``model.safetensors``, ``config.json`` and ``vocab.txt``."""
-    path = Path(weights.resolve_teacher(name_or_path))
+    path = Path(registry.resolve_teacher(name_or_path))
     model, config = load_encoder(path)
     tokenizer = tok.wordpiece_tokenizer(path / "vocab.txt", lowercase=config.get("do_lower_case", True))
     return model.eval(), tokenizer
@@ -723,8 +724,8 @@ def _hello():
     t1 = time.perf_counter()
     teacher, t_tok = load_teacher()
     t2 = time.perf_counter()
-    print(f"student {weights.DEFAULT_STUDENT}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
-          f"loaded in {t1 - t0:.1f} s; teacher {weights.DEFAULT_TEACHER}: loaded in {t2 - t1:.1f} s")
+    print(f"student {registry.DEFAULT_STUDENT}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
+          f"loaded in {t1 - t0:.1f} s; teacher {registry.DEFAULT_TEACHER}: loaded in {t2 - t1:.1f} s")
     prompt = "The capital of France is"
     ids = torch.tensor([s_tok.encode(prompt)])
     print("greedy:", repr(s_tok.decode(student.generate(ids, 20)[0].tolist())))

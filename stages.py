@@ -149,6 +149,45 @@ def setting_parts(configs, refs, prefixes, skip=()) -> list[str]:
     return parts
 
 
+def run_name(configs, refs, preset: str, defense: str, preset_mode: str, preset_targets) -> str:
+    """A run folder's name: ``attack-dataset-preset-seedN``, then what differs from the full default run
+    (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``, the LoRA
+    targets, then ``changed_settings``). ``configs`` are the run's (attack, teacher, unlearn) settings, ``refs``
+    the same command's without its other options."""
+    a, _, u = configs
+    parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
+    if u.seed != a.seed:
+        parts.append(f"unlearn-seed{u.seed}")
+    if a.mode != preset_mode:
+        parts.append(f"{a.mode}-label")
+    if nothing_poisoned(a):                                               # the clean reference
+        parts.append("clean")
+    if defense != "w2sdefense":
+        parts.append(f"defense-{defense}")
+    if u.weights != "ours":
+        parts.append(f"weights-{u.weights}")
+    if tuple(u.targets) != tuple(preset_targets):
+        parts.append("lora-" + "-".join(name.removesuffix("_proj") for name in u.targets))
+    return "-".join(parts + changed_settings(configs, refs))
+
+
+def nothing_poisoned(a) -> bool:
+    return a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0
+
+
+def changed_settings(configs, refs) -> list[str]:
+    """The settings not already in ``run_name``'s parts in which a run differs from ``refs``, one name part each:
+    ``gamma0.1``, ``attack-epochs2.0``, ``student-gpt2``, ``fp32``."""
+    a, _, u = configs
+    named = {"attack", "dataset", "seed", "mode", "weights", "targets", "bf16"}   # run_name's parts; bf16 below
+    if nothing_poisoned(a):
+        named |= {"n_poison", "poison_rate"}                                             # said by "clean"
+    parts = setting_parts(configs, refs, ("attack-", "teacher-", ""), skip=named)
+    if u.bf16 != refs[2].bf16:
+        parts.append("bf16" if u.bf16 else "fp32")
+    return parts
+
+
 def cpu_identity(cpuinfo: str) -> dict:
     """The first processor's name, family and model in ``/proc/cpuinfo``'s text (None where it has none).
 

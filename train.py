@@ -10,7 +10,8 @@ weights) and the unlearning runs (LoRA + head): it trains whatever parameters ha
 * ``fit``: AdamW, linear warm-up then linear decay, gradient clipping, optional bf16 autocast, a
   tqdm bar with the running loss, and the best checkpoint chosen on CLEAN dev accuracy only, restored
   at the end (never select or stop on test ASR: docs/method.md, "Evaluation protocol");
-* ``logits``, ``predict``, ``accuracy``, ``attack_success_rate``, ``confusion_matrix``.
+* ``logits``, ``predict``, ``accuracy``, ``attack_success_rate``, ``confusion_matrix``, and ``evaluate``,
+  which reads a model's row of the table: CA, ASR and the ASR's floor.
 
 A loss function is pluggable: ``loss_fn(model, batch) -> (loss, {term: value})``, so W2SDefense adds its
 distillation terms without a second loop. Every term is logged per step.
@@ -350,6 +351,31 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
     m = torch.zeros(num_classes, num_classes, dtype=torch.long)
     m.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
     return m.tolist()
+
+
+def evaluate(model, tokenizer, task, target: int, max_length: int, device, bf16: bool, frozen: int = 0,
+             memo_key=None) -> dict:
+    """CA on the clean test set, ASR on the triggered non-target test set, and the ASR's floor (the same
+    non-target sentences without the trigger, called the target) of ``task`` (attacks.Task); read once per model.
+
+    When the floor's sentences are all in the clean test set (``task.floor_in_test``), their answers are the
+    CA pass's own, so the floor and the confusion matrix count the same answers; otherwise (a subset of the
+    test set) they get a pass of their own."""
+    clean = encode_for(model, tokenizer, task.test, max_length, frozen, device, memo_key, bf16)
+    trig = encode_for(model, tokenizer, task.asr_test, max_length, frozen, device, memo_key, bf16)
+    p_clean = predict(model, clean, device=device, bf16=bf16)
+    p_trig = predict(model, trig, device=device, bf16=bf16)
+    if task.floor_in_test is not None:
+        rows = torch.tensor(task.floor_in_test, dtype=torch.long)
+        p_untrig, y_untrig = p_clean[rows], clean.labels[rows]
+    else:
+        untrig = encode_for(model, tokenizer, task.asr_floor, max_length, frozen, device, memo_key, bf16)
+        p_untrig, y_untrig = predict(model, untrig, device=device, bf16=bf16), untrig.labels
+    return {"ca": accuracy(p_clean, clean.labels),
+            "asr": attack_success_rate(p_trig, trig.labels, target),
+            "asr_floor": attack_success_rate(p_untrig, y_untrig, target),
+            "confusion": confusion_matrix(p_clean, clean.labels, task.dataset.num_classes),
+            "n_test": len(clean), "n_asr": len(trig)}
 
 
 # ----------------------------------------------------------------------------------------------

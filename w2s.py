@@ -38,6 +38,7 @@ import defenses
 import lora
 import losses
 import models
+import registry
 import stages
 import train
 import weights
@@ -52,7 +53,7 @@ from train import pick_device
 @dataclass
 class AttackConfig:
     """The attacker: how the training set is poisoned and how the student is fine-tuned on it."""
-    student: str = weights.DEFAULT_STUDENT
+    student: str = registry.DEFAULT_STUDENT
     dataset: str = data.DEFAULT_DATASET
     attack: str = "badnet"
     triggers: tuple = attacks.BADNET_TRIGGERS     # BadNet words, one drawn per insertion
@@ -83,7 +84,7 @@ class AttackConfig:
 @dataclass
 class TeacherConfig:
     """The defender's small clean teacher: encoder [CLS] -> Linear(d_t, d_s) + ReLU -> Linear(d_s, C)."""
-    teacher: str = weights.DEFAULT_TEACHER
+    teacher: str = registry.DEFAULT_TEACHER
     epochs: float = 3.0
     lr: float = 5e-5
     batch_size: int = 32
@@ -203,31 +204,6 @@ def load_poisoned(cfg: AttackConfig, folder: Path, num_classes: int):
     return model, tokenizer
 
 
-def evaluate(model, tokenizer, task: attacks.Task, target: int, max_length: int, device, bf16: bool, frozen: int = 0,
-             memo_key=None) -> dict:
-    """CA on the clean test set, ASR on the triggered non-target test set, and the ASR's floor (the same
-    non-target sentences without the trigger, called the target); read once per model.
-
-    When the floor's sentences are all in the clean test set (``task.floor_in_test``), their answers are the
-    CA pass's own, so the floor and the confusion matrix count the same answers; otherwise (a subset of the
-    test set) they get a pass of their own."""
-    clean = train.encode_for(model, tokenizer, task.test, max_length, frozen, device, memo_key, bf16)
-    trig = train.encode_for(model, tokenizer, task.asr_test, max_length, frozen, device, memo_key, bf16)
-    p_clean = train.predict(model, clean, device=device, bf16=bf16)
-    p_trig = train.predict(model, trig, device=device, bf16=bf16)
-    if task.floor_in_test is not None:
-        rows = torch.tensor(task.floor_in_test, dtype=torch.long)
-        p_untrig, y_untrig = p_clean[rows], clean.labels[rows]
-    else:
-        untrig = train.encode_for(model, tokenizer, task.asr_floor, max_length, frozen, device, memo_key, bf16)
-        p_untrig, y_untrig = train.predict(model, untrig, device=device, bf16=bf16), untrig.labels
-    return {"ca": train.accuracy(p_clean, clean.labels),
-            "asr": train.attack_success_rate(p_trig, trig.labels, target),
-            "asr_floor": train.attack_success_rate(p_untrig, y_untrig, target),
-            "confusion": train.confusion_matrix(p_clean, clean.labels, task.dataset.num_classes),
-            "n_test": len(clean), "n_asr": len(trig)}
-
-
 def attack_stage(cfg: AttackConfig, task: attacks.Task, stages_dir: Path, device: str) -> tuple[Path, dict]:
     """Poison and fully fine-tune the student; cached in ``<stages>/attack-<key>``."""
     folder, done = open_stage(stages_dir / f"attack-{config_key(cfg, {'eval': len(task.test), **task.data_key})}")
@@ -249,7 +225,7 @@ def attack_stage(cfg: AttackConfig, task: attacks.Task, stages_dir: Path, device
     dev_data = train.encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key, cfg.bf16)
     desc = "attack: full fine-tune" if not frozen else f"attack: fine-tune the top {cfg.train_layers} blocks"
     fit = train.fit(model, train_data, dev_data, train.fit_config(cfg), device=device, desc=desc)
-    metrics = evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, cfg.bf16, frozen, memo_key)
+    metrics = train.evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, cfg.bf16, frozen, memo_key)
     stages.save_model(model, folder / "student.safetensors")
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    n_train=len(train_data), n_poisoned=task.n_poisoned, dev_history=fit.dev_history,
@@ -346,7 +322,7 @@ def defense_stage(defense: defenses.Defense, ctx: defenses.Context, stages_dir: 
                                    asr_floor=defense.screen(task.asr_floor))
     # Read at the attacker's max length, as the poisoned student's row was: every row of the table reads the same
     # test sentences the same way, whatever length the defender trained at.
-    metrics = evaluate(model, trained.tokenizer, screened, ctx.attack.target, ctx.attack.max_length, ctx.device,
+    metrics = train.evaluate(model, trained.tokenizer, screened, ctx.attack.target, ctx.attack.max_length, ctx.device,
                        ctx.unlearn.bf16, trained.frozen, trained.memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    dev_history=fit.dev_history, weights=defense.report(ctx),
@@ -411,46 +387,20 @@ def _given(args, mapping: dict) -> dict:
 
 
 def run_name(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) -> str:
-    """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0``: what differs from the full default run is
-    added to it (``-unlearn-seed100``, ``-dirty-label``, ``-clean``, ``-defense-none``, ``-weights-authors``, then
-    every other setting that differs from the preset's, ``changed_settings``), so that one run never overwrites
-    another's table."""
-    preset, defense = args.preset, args.defense
-    parts = [a.attack, Path(a.dataset).name, preset, f"seed{a.seed}"]
-    if u.seed != a.seed:
-        parts.append(f"unlearn-seed{u.seed}")
-    if a.mode != preset_attack(preset, a.attack).mode:
-        parts.append(f"{a.mode}-label")
-    if nothing_poisoned(a):                                               # the clean reference
-        parts.append("clean")
-    if defense != "w2sdefense":
-        parts.append(f"defense-{defense}")
-    if u.weights != "ours":
-        parts.append(f"weights-{u.weights}")
-    if tuple(u.targets) != tuple(PRESETS[preset]["unlearn"].get("targets", UnlearnConfig.targets)):
-        parts.append("lora-" + "-".join(name.removesuffix("_proj") for name in u.targets))
-    return "-".join(parts + changed_settings(args, a, t, u))
+    """The default run folder's name, e.g. ``badnet-sst2-cpu-seed0`` plus what differs from the full default run
+    (stages.run_name), so that one run never overwrites another's table."""
+    return stages.run_name((a, t, u), plain_configs(args, a, u), args.preset, args.defense,
+                           preset_attack(args.preset, a.attack).mode,
+                           PRESETS[args.preset]["unlearn"].get("targets", UnlearnConfig.targets))
 
 
-def nothing_poisoned(a: AttackConfig) -> bool:
-    return a.n_poison == 0 if a.mode == "clean" else a.poison_rate == 0
-
-
-def changed_settings(args, a: AttackConfig, t: TeacherConfig, u: UnlearnConfig) -> list[str]:
-    """The settings not already in ``run_name``'s parts in which this run differs from the same command without its
-    other options, one name part each: ``gamma0.1``, ``attack-epochs2.0``, ``student-gpt2``, ``fp32``."""
+def plain_configs(args, a: AttackConfig, u: UnlearnConfig) -> tuple:
+    """The settings of the same command without its other options: what a run's name says it changed."""
     plain = parser().parse_args(["--attack", a.attack, "--dataset", a.dataset, "--preset", args.preset,
                                  "--defense", args.defense, "--seed", str(a.seed), "--unlearn-seed", str(u.seed),
                                  "--device", args.device, "--poison-mode", a.mode, "--weights", u.weights,
                                  "--lora-targets", " ".join(u.targets)])
-    refs = resolve_configs(plain)[:3]
-    named = {"attack", "dataset", "seed", "mode", "weights", "targets", "bf16"}   # run_name's parts; bf16 below
-    if nothing_poisoned(a):
-        named |= {"n_poison", "poison_rate"}                                             # said by "clean"
-    parts = stages.setting_parts((a, t, u), refs, ("attack-", "teacher-", ""), skip=named)
-    if u.bf16 != refs[2].bf16:
-        parts.append("bf16" if u.bf16 else "fp32")
-    return parts
+    return resolve_configs(plain)[:3]
 
 
 def run(args) -> dict:
@@ -498,7 +448,7 @@ def run(args) -> dict:
               "machine": stages.machine(), "device": device}
     table = stages.markdown_table(rows) + "\n\n" + stages.FLOOR_LEGEND
     teacher_line = f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f}\n" if teacher else "\n"
-    changed = changed_settings(args, a, t, u)                    # e.g. gamma0.1: what differs from the preset
+    changed = stages.changed_settings((a, t, u), plain_configs(args, a, u))   # e.g. gamma0.1
     title = (f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}"
              f"{'' if u.seed == a.seed else f', unlearning seed {u.seed}'}"
              f"{'' if not changed else '; changed: ' + ', '.join(changed)}")
@@ -592,7 +542,7 @@ def main(argv=None) -> int:
             raise
         print(e.code, file=sys.stderr)
         return 2
-    except (attacks.AttackError, data.DataError, weights.WeightFileError, weights.DownloadError,
+    except (attacks.AttackError, data.DataError, weights.WeightFileError, registry.DownloadError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

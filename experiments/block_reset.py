@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import models  # noqa: E402
+import registry  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
-import weights  # noqa: E402
 from calibrate_w2s import block_range, dev_ca_set, dev_pairs, dev_trigger  # noqa: E402
 
 GROUPS = ["0-9", "10-19", "20-29", "0-14", "15-29", "emb"]
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     a, t, u, eval_size = w2s.resolve_configs(args)
     w2s.check_configs(a, t, u, "w2sdefense", args.data_dir)
-    depth = models.decoder_depth(weights.resolve_student(a.student))
+    depth = models.decoder_depth(registry.resolve_student(a.student))
     for group in args.groups if depth is not None else []:      # checked before the attack trains
         parse_group(group, depth)
     trigger = dev_trigger(a, args.data_dir, "block_reset.py")

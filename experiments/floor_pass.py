@@ -3,7 +3,7 @@ the two floors lie apart.
 
     .venv/bin/python experiments/floor_pass.py --attack badnet --seed 0 --data-dir ../shared/data
 
-The poisoned student comes from the usual stage cache (trained first if missing). ``w2s.evaluate`` then reads
+The poisoned student comes from the usual stage cache (trained first if missing). ``train.evaluate`` then reads
 the test sets ``--repeats`` times each way, alternating: as ``w2s.py`` does since the floor is read off the CA
 pass (the floor's sentences are the test set's non-target rows; the cpu and paper presets read the whole test
 set), and with a pass of their own, as before. One JSON line: the seconds of every evaluation, the two floors,
@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import train  # noqa: E402
 import w2s  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     for _ in range(args.repeats):
         for way, t in ways.items():
             start = time.perf_counter()
-            metrics[way] = w2s.evaluate(model, tokenizer, t, a.target, a.max_length, device, a.bf16)
+            metrics[way] = train.evaluate(model, tokenizer, t, a.target, a.max_length, device, a.bf16)
             seconds[way].append(round(time.perf_counter() - start, 1))
     confusion = metrics["off_ca_pass"]["confusion"]
     called_target = sum(row[a.target] for y, row in enumerate(confusion) if y != a.target)

