@@ -134,8 +134,8 @@ def check_configs(a, t, u, defense: str, data_dir) -> None:
     if defense == "w2s-origin" and defenses.fa_distance(u) != "l2":
         raise SystemExit("error: --defense w2s-origin pulls the feature toward the origin, which has no direction; "
                          "it needs the L2 feature distance (--fa l2)")
-    if defense == "muscle":
-        check_muscle(a, u, data_dir)
+    if isinstance(defenses.DEFENSES.get(defense), defenses.MuScleLoRA):      # muscle and its ablations
+        check_muscle(a, u, data_dir, defense)
     if u.weights not in ("ours", "authors"):
         raise SystemExit(f"error: --weights must be 'ours' or 'authors', got {u.weights!r}")
     if not a.triggers:
@@ -149,20 +149,22 @@ def check_configs(a, t, u, defense: str, data_dir) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
-# The unlearning defenses' settings, by the option that sets each: --defense muscle reads none of them.
+# The unlearning defenses' settings, by the option that sets each: --defense muscle (and its ablations) reads
+# none of them.
 UNLEARNING_ONLY = {"alpha": "--alpha", "beta": "--beta", "gamma": "--gamma", "fa": "--fa", "weights": "--weights",
                    "clean_size": "--clean-size"}
 
 
-def check_muscle(a, u, data_dir) -> None:
-    """``--defense muscle`` (defenses.MuScleLoRA): the unlearning defenses' settings are refused, not ignored (its
-    budget pins them, so a value other than the pinned one was given by hand), and its clean reference set must fit
-    in the dev set with sentences left to select on (the dataset is read for that, before any training)."""
-    muscle = defenses.DEFENSES["muscle"]
+def check_muscle(a, u, data_dir, defense: str = "muscle") -> None:
+    """``--defense muscle`` (defenses.MuScleLoRA) or one of its ablations: the unlearning defenses' settings are
+    refused, not ignored (its budget pins them, so a value other than the pinned one was given by hand), and its
+    clean reference set must fit in the dev set with sentences left to select on (the dataset is read for that,
+    before any training)."""
+    muscle = defenses.DEFENSES[defense]
     for field_, pinned in muscle.unused.items():
         if getattr(u, field_) != pinned:
             raise SystemExit(f"error: {UNLEARNING_ONLY[field_]} is a setting of the unlearning defenses; --defense "
-                             f"muscle does not read it (MuScleLoRA trains with plain CE on the poisoned training set "
+                             f"{defense} does not read it (MuScleLoRA trains with plain CE on the poisoned training set "
                              f"and takes its clean sentences from the dev set): drop {UNLEARNING_ONLY[field_]}")
     ds = data.load_dataset(a.dataset, data_dir, seed=a.seed)
     dev = attacks.subset(ds.dev, a.dev_size, a.seed, "dev")       # the selection dev set, as build_task draws it

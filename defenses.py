@@ -45,7 +45,7 @@ import stages
 import train
 
 # What a defender may have; each defense's ``needs`` names some of these.
-NEEDS = ("clean data", "pretrained weights", "poisoned training set", "teacher", "target label")
+NEEDS = ("clean data", "pretrained weights", "poisoned training set", "teacher", "target or trigger")
 
 # The authors' per-attack loss weights (alpha, beta, gamma) for W2SDefense, kept as a named setting
 # (``--weights authors``): docs/method.md, "The authors' code".
@@ -84,6 +84,7 @@ class Defense:
     name = ""
     beside: tuple = ("lora",)
     needs: tuple = ("clean data",)
+    starts_from = "the poisoned student"      # what the defender is handed: a poisoned model, or a pretrained one
     budget: dict = {}
 
     @property
@@ -453,8 +454,11 @@ class MuScleLoRA(Defense):
     which MuScleLoRA does not read, are pinned to ``unused`` and ``checks.check_configs`` refuses any other.
     """
     name = "muscle"
-    beside = ()
+    starts_from = "the pretrained student"
+    beside = ("muscle-lora",)               # the same training without its two parts: what they add
     needs = ("poisoned training set", "pretrained weights", "clean data")     # clean data: the reference set
+    multi_scale = True                      # the head's MSLR branch (off: the fresh head is trained as it is)
+    aligned = True                          # the gradient alignment (off: plain steps)
 
     # TO BE CHOSEN ON THE CLEAN DEV SET (not chosen yet; never on test): the authors' values for their LLMs
     # stand in until then.
@@ -505,6 +509,8 @@ class MuScleLoRA(Defense):
         ``lora.MultiScaleLowRank``; one generator seeded with ``cfg.seed`` draws every A, then L and R. Returns the
         number of frozen bottom blocks."""
         generator = torch.Generator().manual_seed(cfg.seed)
+        if not self.multi_scale:
+            return add_lora(model, cfg, trainable=("head",), generator=generator)
         frozen = add_lora(model, cfg, trainable=(), generator=generator)
         model.head = lora.MultiScaleLowRank(model.head, self.scales, self.inner_rank, self.mslr_alpha, generator)
         return frozen
@@ -521,15 +527,18 @@ class MuScleLoRA(Defense):
             return train.encode_for(model, tokenizer, split, u.max_length, frozen, device, memo_key, u.bf16)
         train_data, dev_data, ref_data = encode(self.train_split(ctx)), encode(selection), encode(reference)
         cfg = train.fit_config(u, warmup_ratio=0.0, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
-        align = GradientAlignment(ref_data, u.batch_size, u.seed, device, u.bf16, self.min_ref_grad_norm)
+        align = (GradientAlignment(ref_data, u.batch_size, u.seed, device, u.bf16, self.min_ref_grad_norm)
+                 if self.aligned else None)
         fit = train.fit(model, train_data, dev_data, cfg, loss_fn=train.cross_entropy_loss, device=device,
                         desc=f"train: {self.name}", before_step=align)
         return Trained(model, tokenizer, fit, frozen, memo_key)
 
     def settings(self) -> dict:
-        return {"scales": list(self.scales), "inner_rank": self.inner_rank, "mslr_alpha": self.mslr_alpha,
-                "ref_size": self.ref_size, "min_ref_grad_norm": self.min_ref_grad_norm,
-                "max_grad_norm": self.max_grad_norm, "weight_decay": self.weight_decay, "warmup_ratio": 0.0}
+        mslr = {"scales": list(self.scales), "inner_rank": self.inner_rank, "mslr_alpha": self.mslr_alpha}
+        align = {"min_ref_grad_norm": self.min_ref_grad_norm}
+        return {**(mslr if self.multi_scale else {"mslr": False}), **(align if self.aligned else {"align": False}),
+                "ref_size": self.ref_size, "max_grad_norm": self.max_grad_norm, "weight_decay": self.weight_decay,
+                "warmup_ratio": 0.0}
 
     def key_parts(self, ctx: Context) -> list:
         # Everything the stage reads: the defender's settings but the unlearning defenses' own, the attacker's but
@@ -544,7 +553,8 @@ class MuScleLoRA(Defense):
         return {"rank": u.rank, "lora_alpha": u.lora_alpha, **self.settings()}
 
     def save(self, model, folder: Path) -> None:
-        lora.save_lora(model, folder / "lora.safetensors")       # the adapters, L and R; W0 is the seeded head
+        # every trained tensor: the adapters, and L and R (W0 is the seeded head) or, without the branch, the head
+        lora.save_lora(model, folder / "lora.safetensors")
 
     def reload(self, ctx: Context, folder: Path):
         model, tokenizer = self.start(ctx)
@@ -553,7 +563,36 @@ class MuScleLoRA(Defense):
         return model.eval(), tokenizer
 
 
-DEFENSES = {d.name: d for d in (Control(), W2SDefense(), W2SOrigin(), MixW2S(), SamW2S(), MuScleLoRA())}
+class MuScleLoRAPlain(MuScleLoRA):
+    """MuScleLoRA's ablation: the same LoRA, data, steps and selection, with a plainly trained head (no
+    multi-scale branch) and no gradient alignment. Its row beside MuScleLoRA's shows what the two parts add."""
+    name = "muscle-lora"
+    beside = ()
+    needs = ("poisoned training set", "pretrained weights")
+    multi_scale = False
+    aligned = False
+
+
+class MuScleLoRANoAlign(MuScleLoRA):
+    """MuScleLoRA with its multi-scale head branch but without the gradient alignment: the second ablation."""
+    name = "muscle-mslr"
+    beside = ("muscle-lora",)
+    needs = ("poisoned training set", "pretrained weights")
+    aligned = False
+
+
+DEFENSES = {d.name: d for d in (Control(), W2SDefense(), W2SOrigin(), MixW2S(), SamW2S(), MuScleLoRA(),
+                                MuScleLoRAPlain(), MuScleLoRANoAlign())}
+
+
+def needs_table() -> str:
+    """What each defense must have, as a markdown table (docs/method.md shows it): the model it starts from, then
+    a column per ``NEEDS``."""
+    lines = ["| defense | starts from | " + " | ".join(NEEDS) + " |", "|---|---|" + "---|" * len(NEEDS)]
+    for d in DEFENSES.values():
+        lines.append(f"| `{d.name}` | {d.starts_from} | " + " | ".join("yes" if n in d.needs else "" for n in NEEDS)
+                     + " |")
+    return "\n".join(lines)
 
 
 def rows(defense: str) -> list[str]:

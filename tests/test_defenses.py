@@ -4,6 +4,7 @@ pretrained student; a test-time input filter that trains nothing) joins the tabl
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -236,3 +237,11 @@ def test_a_new_kind_of_defense_joins_the_table_by_registering_one_class(defense,
         assert metrics["steps"] == 0 and rows[defense.name]["asr"] <= rows["poisoned"]["asr_floor"] + 0.25
     else:                                                       # it trained, from the pretrained student
         assert metrics["steps"] > 0 and (folder / "lora.safetensors").exists()
+
+
+def test_the_needs_table_in_the_docs_is_the_registrys():
+    """docs/method.md shows what each defense must have; it is ``defenses.needs_table()``, so a new defense or a
+    changed ``needs`` cannot leave the docs behind."""
+    method = (Path(__file__).resolve().parent.parent / "docs" / "method.md").read_text()
+    assert defenses.needs_table() in method
+    assert all(set(d.needs) <= set(defenses.NEEDS) for d in defenses.DEFENSES.values())

@@ -290,8 +290,9 @@ def test_muscle_runs_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     monkeypatch.setattr(defenses.MuScleLoRA, "ref_size", 8)
     student, teacher, ds = make_tiny_world(tmp_path)
     result = w2s.run(muscle_args(tmp_path, student, teacher, ds))
-    assert [r["model"] for r in result["rows"]] == ["poisoned", "muscle"] and result["teacher_ca"] is None
-    folder = next((tmp_path / "stages").glob("muscle-*"))
+    assert [r["model"] for r in result["rows"]] == ["poisoned", "muscle-lora", "muscle"]
+    assert result["teacher_ca"] is None
+    folder = next((tmp_path / "stages").glob("muscle-[0-9a-f]*"))
     metrics = json.loads((folder / "metrics.json").read_text())
     history = json.loads((folder / "history.json").read_text())
     assert metrics["steps"] == len(history) > 0 and metrics["weights"]["ref_size"] == 8
@@ -313,6 +314,44 @@ def test_muscle_runs_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     frozen = train.frozen_blocks(model, u.lora_layers)
     test = train.encode_for(model, tokenizer, task.test, a.max_length, frozen, "cpu")
     ca = train.accuracy(train.predict(model, test), test.labels)
-    assert ca == result["rows"][1]["ca"]
+    assert ca == result["rows"][2]["ca"]
     again = w2s.run(muscle_args(tmp_path, student, teacher, ds))            # cached: the same stage, untouched
     assert again["rows"] == result["rows"]
+
+    # The ablation beside it: the same LoRA and steps, the head trained as it is, no alignment.
+    plain = defenses.DEFENSES["muscle-lora"]
+    folder = next((tmp_path / "stages").glob("muscle-lora-*"))
+    history = json.loads((folder / "history.json").read_text())
+    assert history and not any("aligned" in h for h in history)
+    model, tokenizer = plain.reload(ctx, folder)
+    assert isinstance(model.head, torch.nn.Linear) and model.head.weight.requires_grad
+    assert not torch.equal(model.head.weight, fresh.head.weight)                 # the head was trained
+    test = train.encode_for(model, tokenizer, task.test, a.max_length, frozen, "cpu")
+    assert train.accuracy(train.predict(model, test), test.labels) == result["rows"][1]["ca"]
+
+
+@needs_gpt2
+def test_muscle_mslr_ablation_keeps_the_branch_and_drops_the_alignment(tmp_path, monkeypatch):
+    monkeypatch.setattr(defenses.MuScleLoRA, "ref_size", 8)
+    student, teacher, ds = make_tiny_world(tmp_path)
+    args = muscle_args(tmp_path, student, teacher, ds)
+    args.defense = "muscle-mslr"
+    result = w2s.run(args)
+    assert [r["model"] for r in result["rows"]] == ["poisoned", "muscle-lora", "muscle-mslr"]
+    folder = next((tmp_path / "stages").glob("muscle-mslr-*"))
+    assert not any("aligned" in h for h in json.loads((folder / "history.json").read_text()))
+    assert json.loads((folder / "metrics.json").read_text())["weights"]["scales"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_quick_preset_runs_muscle_end_to_end(quick_stages, real_weights, tmp_path):
+    """``--preset quick --defense muscle`` on the open weights: MuScleLoRA and its ablation train from the
+    pretrained student on the quick preset's poisoned set and learn the task, within the quick budget."""
+    args = w2s.parser().parse_args(["--attack", "badnet", "--preset", "quick", "--seed", "0", "--precision", "fp32",
+                                    "--defense", "muscle", "--stages", str(quick_stages), "--out", str(tmp_path / "run")])
+    result = w2s.run(args)
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["poisoned", "muscle-lora", "muscle"] and result["teacher_ca"] is None
+    assert all(rows[name]["ca"] > 0.6 and 0.0 <= rows[name]["asr"] <= 1.0 for name in ("muscle-lora", "muscle"))
+    # the quick preset's budget: the whole pipeline in about 5 minutes on a 2-core CPU
+    assert result["seconds"]["muscle-lora"] + result["seconds"]["muscle"] < 300, result["seconds"]
