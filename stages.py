@@ -8,11 +8,15 @@ then renamed), so Ctrl-C never leaves half a file that a later run would trust.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
 import os
 import platform
+import resource
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -100,6 +104,83 @@ def load_model_state(model, path: Path):
 
 
 # ----------------------------------------------------------------------------------------------
+# What a stage costs: seconds and peak resident memory
+# ----------------------------------------------------------------------------------------------
+
+_STATUS = Path("/proc/self/status")
+_folded_peak_mb = 0.0            # the process's peak before the last reset of VmHWM (``StageCost`` resets it)
+
+
+def _vm_hwm_mb() -> float | None:
+    """VmHWM, the peak resident memory since start or the last reset, in MB (Linux; None elsewhere)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def process_peak_mb() -> float:
+    """The peak resident memory of this process since it started, in MB, resets of VmHWM included."""
+    hwm = _vm_hwm_mb()
+    if hwm is not None:
+        return max(_folded_peak_mb, hwm)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def reset_peak() -> bool:
+    """Start a new peak: VmHWM falls to the memory resident now (Linux: write 5 to /proc/self/clear_refs). The old
+    peak is kept for ``process_peak_mb``. False where the OS cannot (then a peak is the process's so far)."""
+    global _folded_peak_mb
+    before = _vm_hwm_mb()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    _folded_peak_mb = max(_folded_peak_mb, before or 0.0)
+    return True
+
+
+class StageCost:
+    """What a stage costs, measured from its creation: ``fields()`` gives ``seconds``, ``peak_mb`` (the peak resident
+    memory, MB) and ``peak_of``: "stage" where the peak could be reset at the start (Linux), else "process" (the
+    process's peak so far, e.g. on macOS: an upper bound of the stage's own)."""
+
+    def __init__(self):
+        self.peak_of = "stage" if reset_peak() else "process"
+        self.start = time.perf_counter()
+
+    def peak_mb(self) -> float:
+        hwm = _vm_hwm_mb() if self.peak_of == "stage" else None
+        return round(hwm if hwm is not None else process_peak_mb(), 1)
+
+    def fields(self) -> dict:
+        return {"seconds": time.perf_counter() - self.start, "peak_mb": self.peak_mb(), "peak_of": self.peak_of}
+
+
+def return_freed_memory() -> None:
+    """glibc (Linux): give every allocation over 128 KiB its own memory mapping, returned to the OS when freed.
+
+    By default glibc raises that threshold each time such a block is freed, up to 32 MiB, after which a training
+    step's tensors (activations, gradients, bf16 weight copies) come from the heap, where freed memory is kept for
+    reuse and, in pieces of the wrong size, is never returned: the resident memory of a full fine-tuning grows by
+    gigabytes over a few steps (bench/memory_stages.py). A fixed threshold stops that. Where a tensor lives does
+    not change its arithmetic. Not glibc: nothing is done."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                                 # musl or another C library: not glibc's allocator
+        return
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+# ----------------------------------------------------------------------------------------------
 # The run's report
 # ----------------------------------------------------------------------------------------------
 
@@ -115,11 +196,23 @@ def row_metrics(metrics: dict) -> dict:
             "n_test": metrics.get("n_test"), "n_asr": metrics.get("n_asr"), "seconds": metrics["seconds"]}
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | CA | ASR | floor | seconds |", "|---|---|---|---|---|"]
-    for r in rows:
+PEAK_LEGEND = "peak MB: the stage's peak resident memory (a cached stage's: when it was computed)"
+
+
+def megabytes(mb) -> str:
+    """A peak in MB as the table prints it: a whole number, or "-" for a stage cached before peaks were measured."""
+    return "-" if mb is None else f"{mb:.0f}"
+
+
+def markdown_table(rows: list[dict], peak_mb: list | None = None) -> str:
+    """The run's table, a row per model; ``peak_mb`` (one per row, or None) adds the stages' peak memory."""
+    peak = peak_mb is not None
+    lines = ["| model | CA | ASR | floor | seconds |" + (" peak MB |" if peak else ""),
+             "|---|---|---|---|---|" + ("---|" if peak else "")]
+    for i, r in enumerate(rows):
         floor = "-" if r.get("asr_floor") is None else f"{r['asr_floor']:.3f}"
-        lines.append(f"| {r['model']} | {r['ca']:.3f} | {r['asr']:.3f} | {floor} | {r.get('seconds', 0):.0f} |")
+        line = f"| {r['model']} | {r['ca']:.3f} | {r['asr']:.3f} | {floor} | {r.get('seconds', 0):.0f} |"
+        lines.append(line + (f" {megabytes(peak_mb[i])} |" if peak else ""))
     return "\n".join(lines)
 
 

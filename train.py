@@ -25,10 +25,13 @@ import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+import weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +430,8 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
 
 
 def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=cross_entropy_loss,
-        device="cpu", desc: str = "train", progress: bool = True, on_eval=None, before_step=None) -> FitResult:
+        device="cpu", desc: str = "train", progress: bool = True, on_eval=None, before_step=None,
+        best_file=None) -> FitResult:
     """Train the parameters of ``model`` that require grad; keep and restore the best clean-dev state.
 
     The clean dev set is read every ``steps_per_epoch // evals_per_epoch`` steps and at the last step, earliest best
@@ -444,6 +448,10 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     gradients are clipped: it may rewrite ``p.grad`` of the trained ``params`` (MuScleLoRA's gradient alignment,
     defenses.py), and may return a dict of numbers logged with the step's terms. The same bf16 rule holds for it.
     Without it the loop is unchanged.
+
+    ``best_file``: keep the best checkpoint in this file (deleted at the end) instead of in memory. A full
+    fine-tuning's checkpoint is a copy of every weight, as big as the model, held through the rest of the run; on
+    disk it costs a write per new best and one read, and restores the same bits.
     """
     torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
     rng = random.Random(cfg.seed)                      # batch order
@@ -459,7 +467,10 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
 
     def snapshot():
-        return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if n in names_set}
+        if best_file is None:
+            return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if n in names_set}
+        weights.write_safetensors(best_file, {n: p.detach() for n, p in model.named_parameters() if n in names_set})
+        return best_file
 
     names_set = set(names)
     result = FitResult(best_dev_acc=-1.0, best_step=0, steps=total, seconds=0.0)
@@ -474,12 +485,12 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
                 batch = batch.to(device)
                 with autocast(device, cfg.bf16):
                     loss, terms = loss_fn(model, batch)
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if before_step is not None:
                     terms = {**terms, **(before_step(model, params) or {})}
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)      # free the gradients now: not held through the next forward
                 scheduler.step()
                 step += 1
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -500,8 +511,10 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     if best_state is not None:                         # restore the best clean-dev checkpoint
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n])
+                if n in names_set:                     # from the file one tensor at a time: no second model
+                    p.copy_(best_state[n] if best_file is None else weights.read_safetensors(best_file, [n])[n])
+        if best_file is not None:
+            Path(best_file).unlink(missing_ok=True)
     model.eval()
     result.seconds = time.perf_counter() - start
     return result

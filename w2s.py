@@ -209,7 +209,7 @@ def attack_stage(cfg: AttackConfig, task: attacks.Task, stages_dir: Path, device
     folder, done = open_stage(stages_dir / f"attack-{config_key(cfg, {'eval': len(task.test), **task.data_key})}")
     if done is not None:
         return folder, done
-    start = time.perf_counter()
+    cost = stages.StageCost()                              # its seconds and peak memory
     model, tokenizer = student_classifier(cfg.student, task.dataset.num_classes, cfg.seed, cfg.start_token,
                                           cfg.prefix_space)
     frozen = train.frozen_blocks(model, cfg.train_layers)
@@ -224,13 +224,14 @@ def attack_stage(cfg: AttackConfig, task: attacks.Task, stages_dir: Path, device
                                   cfg.bf16)
     dev_data = train.encode_for(model, tokenizer, task.dev, cfg.max_length, frozen, device, memo_key, cfg.bf16)
     desc = "attack: full fine-tune" if not frozen else f"attack: fine-tune the top {cfg.train_layers} blocks"
-    fit = train.fit(model, train_data, dev_data, train.fit_config(cfg), device=device, desc=desc)
+    # The best checkpoint goes to disk: in memory it would be a second copy of the whole model.
+    fit = train.fit(model, train_data, dev_data, train.fit_config(cfg), device=device, desc=desc,
+                    best_file=folder / ".best-checkpoint.tmp")
     metrics = train.evaluate(model, tokenizer, task, cfg.target, cfg.max_length, device, cfg.bf16, frozen, memo_key)
     stages.save_model(model, folder / "student.safetensors")
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    n_train=len(train_data), n_poisoned=task.n_poisoned, dev_history=fit.dev_history,
-                   feature_dim=model.feature_dim,
-                   seconds=time.perf_counter() - start)
+                   feature_dim=model.feature_dim, **cost.fields())
     close_stage(folder, fit, metrics)
     return folder, metrics
 
@@ -254,17 +255,17 @@ def teacher_stage(cfg: TeacherConfig, task: attacks.Task, d_student: int, stages
     folder, done = open_stage(stages_dir / f"teacher-{key}")
     if done is not None:
         return folder, done
-    start = time.perf_counter()
+    cost = stages.StageCost()
     model, tokenizer = teacher_classifier(cfg, task.dataset.num_classes, d_student)
     model.to(device)
     clean = attacks.subset(task.dataset.train, cfg.train_size, cfg.seed, "teacher-train")
     train_data = train.encode(tokenizer, clean.sentences, clean.labels, cfg.max_length)
     dev_data = train.encode(tokenizer, task.dev.sentences, task.dev.labels, cfg.max_length)
-    fit = train.fit(model, train_data, dev_data, train.fit_config(cfg), device=device, desc="teacher: full fine-tune")
+    fit = train.fit(model, train_data, dev_data, train.fit_config(cfg), device=device, desc="teacher: full fine-tune",
+                    best_file=folder / ".best-checkpoint.tmp")
     test = train.encode(tokenizer, task.test.sentences, task.test.labels, cfg.max_length)
     metrics = {"ca": train.accuracy(train.predict(model, test, device=device), test.labels),
-               "best_dev_acc": fit.best_dev_acc, "n_train": len(train_data),
-               "seconds": time.perf_counter() - start}
+               "best_dev_acc": fit.best_dev_acc, "n_train": len(train_data), **cost.fields()}
     stages.save_model(model, folder / "teacher.safetensors")
     close_stage(folder, fit, metrics)
     return folder, metrics
@@ -314,7 +315,7 @@ def defense_stage(defense: defenses.Defense, ctx: defenses.Context, stages_dir: 
     folder, done = open_stage(stages_dir / f"{defense.name}-{config_key(*defense.key_parts(ctx))}")
     if done is not None:
         return folder, done
-    start = time.perf_counter()
+    cost = stages.StageCost()
     trained = defense.train(ctx)
     model = trained.model
     fit = trained.fit or train.FitResult(best_dev_acc=None, best_step=0, steps=0, seconds=0.0)   # trained nothing
@@ -326,8 +327,7 @@ def defense_stage(defense: defenses.Defense, ctx: defenses.Context, stages_dir: 
                        ctx.unlearn.bf16, trained.frozen, trained.memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    dev_history=fit.dev_history, weights=defense.report(ctx),
-                   trainable=lora.count_trainable(model),
-                   seconds=time.perf_counter() - start)
+                   trainable=lora.count_trainable(model), **cost.fields())
     defense.save(model, folder)
     close_stage(folder, fit, metrics)
     return folder, metrics
@@ -419,7 +419,8 @@ def run(args) -> dict:
         print("w2s: note: the paper preset is the authors' settings, sized for a GPU: five epochs of each stage at up "
               "to 128 tokens, every clean sentence for the defender; on a CPU it takes many times the cpu preset's "
               "time (Ctrl-C keeps the finished stages)", file=sys.stderr)
-    seconds = {}
+    seconds, peak_mb = {}, {}                 # what each stage cost when it was computed (a cached one: then)
+    stages.return_freed_memory()
     start = time.perf_counter()
     task = build_task(a, eval_size, args.data_dir)
     n_clean = len(task.dataset.train)
@@ -427,7 +428,7 @@ def run(args) -> dict:
         raise SystemExit(f"error: --clean-size {args.clean_size} is more than the {n_clean} clean training sentences "
                          f"of {a.dataset}; give at most {n_clean}, or leave it out for the preset's")
     attack_folder, poisoned = attack_stage(a, task, stages_dir, device)
-    seconds["attack"] = poisoned["seconds"]
+    seconds["attack"], peak_mb["attack"] = poisoned["seconds"], poisoned.get("peak_mb")
     # --n-poison 0 fine-tunes the same way on clean data: its "ASR" is the natural false-trigger rate.
     name = "clean" if task.n_poisoned == 0 else "poisoned"
     rows = [{"model": name, **stages.row_metrics(poisoned), "n_poisoned": task.n_poisoned}]
@@ -436,18 +437,20 @@ def run(args) -> dict:
         defense = defenses.DEFENSES[name]
         if defense.uses_teacher and teacher is None:
             tfolder, teacher = teacher_stage(t, task, poisoned["feature_dim"], stages_dir, device)
-            seconds["teacher"] = teacher["seconds"]
+            seconds["teacher"], peak_mb["teacher"] = teacher["seconds"], teacher.get("peak_mb")
         ctx = context(a, t, u, task, attack_folder, tfolder if defense.uses_teacher else None, device)
         _, m = defense_stage(defense, ctx, stages_dir)
-        seconds[name] = m["seconds"]
+        seconds[name], peak_mb[name] = m["seconds"], m.get("peak_mb")
         rows.append({"model": name, **stages.row_metrics(m), "weights": m["weights"]})
-    result = {"rows": rows, "teacher_ca": teacher["ca"] if teacher else None, "seconds": seconds,
+    result = {"rows": rows, "teacher_ca": teacher["ca"] if teacher else None, "seconds": seconds, "peak_mb": peak_mb,
               "wall_seconds": time.perf_counter() - start, "preset": args.preset, "defense": args.defense,
               "seed": a.seed, "unlearn_seed": u.seed,
               "config": {"attack": asdict(a), "teacher": asdict(t), "unlearn": asdict(u)},
               "machine": stages.machine(), "device": device}
-    table = stages.markdown_table(rows) + "\n\n" + stages.FLOOR_LEGEND
-    teacher_line = f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f}\n" if teacher else "\n"
+    table = (stages.markdown_table(rows, [peak_mb["attack"], *(peak_mb[r["model"]] for r in rows[1:])]) + "\n\n"
+             + stages.FLOOR_LEGEND + "\n" + stages.PEAK_LEGEND)
+    teacher_line = (f"\nTeacher ({t.teacher}) clean accuracy: {teacher['ca']:.3f} ({teacher['seconds']:.0f} s, peak "
+                    f"{stages.megabytes(teacher.get('peak_mb'))} MB)\n" if teacher else "\n")
     changed = stages.changed_settings((a, t, u), plain_configs(args, a, u))   # e.g. gamma0.1
     title = (f"# {a.attack} on {a.dataset}, preset {args.preset}, seed {a.seed}"
              f"{'' if u.seed == a.seed else f', unlearning seed {u.seed}'}"
