@@ -137,7 +137,9 @@ PRESETS = {
         # the syntactic attack as in cpu, over any rows, before the 600 are drawn
         "attack_for": {"syntactic": HIDDENKILLER_ATTACK},
         "teacher": dict(train_size=600, epochs=2.0, max_length=32),
-        "unlearn": dict(clean_size=200, epochs=4.0, lr=3e-3, max_length=32, lora_layers=6, gamma=0.02),
+        # chosen on dev (held-out trigger cf, seeds 0-2, bf16 and fp32): experiments/calibration/README.md
+        "unlearn": dict(clean_size=400, epochs=4.0, lr=1.5e-3, max_length=32, lora_layers=6, gamma=0.02,
+                        evals_per_epoch=2),
         "eval_size": 200,
     },
     # The default, sized for a laptop CPU: the paper's attacker (clean-label, the first 1,000 negatives get the
