@@ -182,7 +182,8 @@ def return_freed_memory() -> None:
     step's tensors (activations, gradients, bf16 weight copies) come from the heap, where freed memory is kept for
     reuse and, in pieces of the wrong size, is never returned: the resident memory of a full fine-tuning grows by
     gigabytes over a few steps (bench/memory_stages.py). A fixed threshold stops that. Where a tensor lives does
-    not change its arithmetic. Not glibc: nothing is done."""
+    not change its arithmetic, but every step then maps and zeroes fresh pages: a full fine-tuning step takes about
+    twice as long, so it is an option (``w2s.py --low-memory``), not the default. Not glibc: nothing is done."""
     if sys.platform != "linux":
         return
     try:

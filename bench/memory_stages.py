@@ -3,7 +3,7 @@
     .venv/bin/python bench/memory_stages.py                 # the cpu preset's settings (the default run)
     .venv/bin/python bench/memory_stages.py --preset quick
     .venv/bin/python bench/memory_stages.py --check         # also fail when a peak is above the issue's target
-    .venv/bin/python bench/memory_stages.py --glibc-default         # glibc's own heap: fragmentation
+    .venv/bin/python bench/memory_stages.py --low-memory    # as w2s.py --low-memory: freed memory back at once
 
 Every step below starts a new peak (Linux: ``/proc/self/clear_refs``) and reads VmHWM after it, so each line is
 what that step alone needed on top of what was resident before it ("rss after" is what it left resident). The
@@ -11,7 +11,7 @@ stages are the pipeline's own code (w2s.py, train.py, defenses.py) on small subs
 sentences, ``--steps`` optimizer steps): a step's memory depends on the batch, not on how many batches follow.
 
 ``--check`` is the memory regression check: it exits 1 when the largest peak is above ``--target-mb`` (by default
-the issue's target: 2,500 MB for the cpu preset, 1,500 MB for quick). It is a benchmark, not a test: it needs the
+the targets: 2,500 MB for the cpu preset, 1,500 MB for quick). It is a benchmark, not a test: it needs the
 open weights and about a minute.
 """
 
@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="cpu", choices=["cpu", "quick"])
     ap.add_argument("--sentences", type=int, default=64, help="training sentences per stage")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per stage")
-    ap.add_argument("--glibc-default", action="store_true",
-                    help="leave glibc's growing mmap threshold (w2s.run fixes it: stages.return_freed_memory)")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="fix glibc's mmap threshold, as w2s.py --low-memory does (stages.return_freed_memory)")
     ap.add_argument("--only", default=None, choices=["attack"], help="stop after this stage")
     ap.add_argument("--whole-fit", action="store_true", help="also run train.fit itself on the subset (attack)")
     ap.add_argument("--check", action="store_true", help="exit 1 when the largest peak is above --target-mb")
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
 
-    if not args.glibc_default:
-        stages.return_freed_memory()                       # as w2s.run does
+    if args.low_memory:
+        stages.return_freed_memory()                       # as w2s.py --low-memory does
     run_args = w2s.parser().parse_args(["--attack", "badnet", "--preset", args.preset])
     a, t, u, eval_size = w2s.resolve_configs(run_args)
     device = train.pick_device("cpu")
