@@ -76,11 +76,11 @@ def save_model(model, path: Path, metadata=None):
     weights.write_safetensors(path, sd, metadata)
 
 
-def read_stage_tensors(path: Path) -> dict:
-    """The tensors of a file a stage wrote. A damaged or missing one is an error that says how to make it again
-    (the reader's own advice, to download it again, is for the files we download)."""
+def read_stage_tensors(path: Path, names=None) -> dict:
+    """The tensors of a file a stage wrote (or only those in ``names``). A damaged or missing one is an error that
+    says how to make it again (the reader's own advice, to download it again, is for the files we download)."""
     try:
-        return weights.read_safetensors(path)
+        return weights.read_safetensors(path, names)
     except weights.WeightFileError as e:
         if e.what is None:
             raise
@@ -89,18 +89,31 @@ def read_stage_tensors(path: Path) -> dict:
 
 
 def load_model_state(model, path: Path):
-    """Load a stage's saved tensors into ``model``; a file that is not this model's is an error naming it."""
-    sd = read_stage_tensors(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and "lm_head" not in k]
+    """Load a stage's saved tensors into ``model``, one tensor at a time (never a second copy of the whole model
+    in memory); a file that is not this model's is an error naming it."""
+    shapes = {name: tuple(shape) for name, (_, shape, _, _) in stage_file_entries(path).items()}
+    own = {k: v for k, v in model.state_dict().items() if "lm_head" not in k}
+    missing = [k for k in own if k not in shapes]
     if missing:
         raise weights.WeightFileError(f"{path}: missing tensors {missing[:3]}; delete the stage folder and rerun")
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(own[k].shape)})" for k in own
-             if k in sd and sd[k].shape != own[k].shape]
+    wrong = [f"{k} {shapes[k]} (expected {tuple(own[k].shape)})" for k in own if shapes[k] != tuple(own[k].shape)]
     if wrong:
         raise weights.WeightFileError(f"{path}: tensors of another shape, {wrong[:3]}: not this model's; delete the "
                                       f"stage folder and rerun")
-    model.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        for name, value in own.items():
+            value.copy_(read_stage_tensors(path, [name])[name])
+
+
+def stage_file_entries(path: Path) -> dict:
+    """A stage file's table of contents, ``{name: (dtype, shape, begin, end)}``, without reading the tensors."""
+    try:
+        return weights._read_safetensors_header(Path(path))[0]
+    except weights.WeightFileError as e:
+        if e.what is None:
+            raise
+        raise weights.WeightFileError(f"{path}: {e.what}; it is a stage's file: delete the folder {path.parent} and "
+                                      f"rerun to make it again") from None
 
 
 # ----------------------------------------------------------------------------------------------
