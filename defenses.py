@@ -7,6 +7,8 @@
     SamW2S      W2SDefense with sharpness-aware steps (sam.py)
     MuScleLoRA  from the PRETRAINED student, LoRA + a multi-scale head branch on the POISONED training set,
                 every gradient aligned with a clean reference gradient (arXiv 2402.12026): a training-time defense
+    Beear       CE with and without a searched universal drift of the hidden states (BEEAR-style)
+    Crow        CE + 5.5 * consistency of consecutive blocks under an FGSM nudge of the input embeddings (CROW)
 
 The pipeline (``w2s.defense_stage``) runs every defense the same way::
 
@@ -27,6 +29,7 @@ more than today's unlearning defenses:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -75,6 +78,7 @@ class Trained:
     fit: train.FitResult | None                  # None: the defense trained nothing (a test-time filter)
     frozen: int = 0                          # bottom blocks whose states are cached (``train.cache_prefix``)
     memo_key: Any = None                     # whose those blocks are, to share their cached states
+    found: dict | None = None                # what the defense found on its way (BEEAR: its guess of the target)
 
 
 class Defense:
@@ -581,8 +585,331 @@ class MuScleLoRANoAlign(MuScleLoRA):
     aligned = False
 
 
+# ----------------------------------------------------------------------------------------------
+# CROW: keep consecutive layers consistent under an adversarial nudge of the input embeddings
+# ----------------------------------------------------------------------------------------------
+
+def layer_consistency(states: list, mask: torch.Tensor) -> torch.Tensor:
+    """CROW's consistency term over the block outputs ``states`` (each (B, T, d)), in order::
+
+        C = mean over consecutive pairs (h_l, h_l+1) and real tokens of  1 - cos(h_l, h_l+1)
+
+    ``mask`` (B, T) is 1 on real tokens: padding is left out of the mean (CROW's code averages over pads too; with
+    left or right padding alike, a pad then counts nothing here). The cosine is taken in float32."""
+    if len(states) < 2:
+        raise ValueError(f"the consistency term needs at least 2 block outputs, got {len(states)}")
+    h, h_next = torch.stack(states[:-1]).float(), torch.stack(states[1:]).float()          # (P, B, T, d)
+    gap = 1.0 - torch.nn.functional.cosine_similarity(h, h_next, dim=-1, eps=1e-8)       # (P, B, T)
+    m = mask.to(gap.dtype)
+    return (gap * m).sum() / (m.sum() * gap.shape[0])
+
+
+@contextlib.contextmanager
+def block_outputs(backbone):
+    """Collect, in a list, the outputs of blocks 0 to L-2 of the forward passes run inside the ``with``: the states
+    CROW compares. The step from the embeddings into block 0 and the last block's output, which the final norm
+    reads, are left out, as in CROW's code (its ``hidden_states[1:-2]`` against ``[2:-1]``)."""
+    if not isinstance(backbone, models.GPT) or len(backbone.blocks) < 3:
+        raise ValueError("CROW compares the outputs of consecutive decoder blocks: it needs a GPT student of 3 "
+                         "blocks or more")
+    outputs = []
+    hooks = [b.register_forward_hook(lambda module, inputs, out: outputs.append(out)) for b in backbone.blocks[:-1]]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def fgsm_embeddings(e: torch.Tensor, loss: torch.Tensor, eps: float) -> torch.Tensor:
+    """One FGSM step on the input embeddings ``e`` (a leaf of ``loss``'s graph): ``e + eps * sign(dloss/de)``, the
+    L-infinity step of size ``eps`` that raises ``loss``; detached. The graph is kept for the caller's backward."""
+    (grad,) = torch.autograd.grad(loss, e, retain_graph=True)
+    return (e + eps * grad.sign()).detach()
+
+
+def crow_loss(eps: float, weight: float):
+    """CROW's ``loss_fn`` (Min et al., ICML 2025)::
+
+        L = CE(z, y) + weight * C(h(e + delta)),   delta = eps * sign(dC(h(e)) / de)
+
+    ``C`` is ``layer_consistency`` of the block outputs (``block_outputs``), ``e`` the input embeddings. The clean
+    pass gives the logits ``z`` and the clean consistency, whose gradient only builds ``delta``; the perturbed
+    pass's consistency is what the loss holds down. ``weight`` 0 is the plain fine-tuning control."""
+    def loss_fn(model, batch):
+        inputs = batch.inputs()
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if weight == 0.0:
+            ce = losses.cross_entropy(model(ids, mask), batch.labels)
+            return ce, {"ce": ce.item()}
+        backbone = model.backbone
+        e = backbone.embed(ids, mask).detach().requires_grad_(True)
+        with block_outputs(backbone) as states:          # one clean pass: the logits and the clean states
+            z = model(ids, mask, prefix=(e, 0))
+        clean = layer_consistency(states, mask)
+        with block_outputs(backbone) as states:          # the perturbed pass stops where the compared states do
+            x = fgsm_embeddings(e, clean, eps)
+            backbone.hidden_states(ids, mask, layer=len(backbone.blocks) - 2, prefix=(x, 0))
+        perturbed = layer_consistency(states, mask)
+        ce = losses.cross_entropy(z, batch.labels)
+        return ce + weight * perturbed, {"ce": ce.item(), "cons": clean.item(), "cons_adv": perturbed.item()}
+    return loss_fn
+
+
+class Crow(Defense):
+    """CROW (Min et al., ICML 2025): the poisoned student fine-tuned with LoRA on a few clean sentences so that
+    consecutive blocks stay consistent (high cosine between h_l and h_l+1) even when the input embeddings are
+    nudged by one FGSM step that makes them inconsistent (``crow_loss``). The bet: a trigger works by a sudden turn
+    of the hidden states somewhere in the stack; a model trained to keep every step smooth under the worst small
+    nudge loses that turn. No teacher, no trigger, no target.
+
+    Its recipe, as in the authors' code: eps 0.1 (absolute, on the embeddings), weight 5.5, LoRA rank 8, alpha 16,
+    no dropout, on every linear layer of the backbone; 100 clean sentences, 5 epochs, batch 8, lr 1e-3, cosine
+    schedule with 10 % warm-up. Ours: the classification head (the poisoned one) stays frozen, as their language
+    head does; the task loss is the head's CE; padding is masked out of the consistency; the best epoch by clean
+    dev accuracy is kept. The recipe is the class's, not the preset's (only ``lora_layers`` and ``max_length``
+    come from the preset): its row stands beside the plain-LoRA control and W2SDefense as they are, and beside its
+    own control ``crow-lora``, the same recipe at lr 2e-4 without the consistency term (their fine-tuning baseline).
+    """
+    name = "crow"
+    beside = ("lora", "w2sdefense", "crow-lora")
+    needs = ("clean data",)
+    eps = 0.1
+    weight = 5.5
+    recipe = dict(rank=8, lora_alpha=16.0, lora_dropout=0.0, targets=("every linear",), clean_size=100, epochs=5.0,
+                  batch_size=8, lr=1e-3, evals_per_epoch=1)
+    warmup_ratio = 0.1
+    schedule = "cosine"
+    weight_decay = 0.0
+
+    def settings(self, ctx: Context):
+        """The defender's settings this defense trains with: the preset's, with the recipe over them."""
+        return dataclasses.replace(ctx.unlearn, **self.recipe)
+
+    def start(self, ctx: Context):
+        return ctx.load_poisoned()
+
+    def add_adapters(self, model, cfg) -> int:
+        """LoRA on every linear layer of the backbone's blocks (Llama: q, k, v, o, gate, up, down), in the preset's
+        blocks; the head frozen. Returns the frozen block count."""
+        every = sorted({n.rsplit(".", 1)[-1] for n, m in model.backbone.blocks.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        return add_lora(model, dataclasses.replace(cfg, targets=tuple(every)), trainable=())
+
+    def train(self, ctx: Context) -> Trained:
+        u, device = self.settings(ctx), ctx.device
+        model, tokenizer = self.start(ctx)
+        self.add_adapters(model, u)
+        model.to(device)
+        clean = attacks.subset(ctx.task.dataset.train, u.clean_size, u.seed, "defender-clean")
+        # every block runs from the (perturbed) embeddings at every step: no cached prefix
+        train_data = train.encode_for(model, tokenizer, clean, u.max_length, 0, device, None, u.bf16)
+        dev_data = train.encode_for(model, tokenizer, ctx.task.dev, u.max_length, 0, device, None, u.bf16)
+        cfg = train.fit_config(u, warmup_ratio=self.warmup_ratio, schedule=self.schedule,
+                               weight_decay=self.weight_decay)
+        fit = train.fit(model, train_data, dev_data, cfg, loss_fn=crow_loss(self.eps, self.weight), device=device,
+                        desc=f"unlearn: {self.name}")
+        return Trained(model, tokenizer, fit, 0, None)
+
+    def own(self) -> dict:
+        return {"eps": self.eps, "weight": self.weight, "warmup_ratio": self.warmup_ratio, "schedule": self.schedule,
+                "weight_decay": self.weight_decay, "head": "frozen"}
+
+    def key_parts(self, ctx: Context) -> list:
+        # the recipe's settings, the attacker's (the poisoned student), the data; not the W2S weights or teacher
+        u = dataclasses.replace(self.settings(ctx), alpha=None, beta=None, gamma=None, T=None, fa=None, weights=None)
+        return [u, ctx.attack, None, self.stage_info(ctx), {"crow": self.own()}]
+
+    def report(self, ctx: Context) -> dict:
+        u = self.settings(ctx)
+        return {**{k: getattr(u, k) for k in ("rank", "lora_alpha", "clean_size", "epochs", "lr", "batch_size")},
+                **self.own()}
+
+    def save(self, model, folder: Path) -> None:
+        lora.save_lora(model, folder / "lora.safetensors")
+
+    def reload(self, ctx: Context, folder: Path):
+        model, tokenizer = self.start(ctx)
+        self.add_adapters(model, self.settings(ctx))
+        lora.load_lora_state_dict(model, stages.read_stage_tensors(folder / "lora.safetensors"))
+        return model.eval(), tokenizer
+
+
+class CrowFineTune(Crow):
+    """CROW's control, as in its authors' code: the same data, LoRA and schedule at lr 2e-4, plain CE."""
+    name = "crow-lora"
+    beside = ()
+    weight = 0.0
+    recipe = {**Crow.recipe, "lr": 2e-4}
+
+
+# ----------------------------------------------------------------------------------------------
+# BEEAR-style: find the drift a backdoor rides on, then train the model to ignore it
+# ----------------------------------------------------------------------------------------------
+
+def add_at_last_tokens(x: torch.Tensor, delta: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T, d) with ``delta`` (n, d) added at the last n real tokens of each row, ``delta[-1]`` at the last
+    one (the token the head reads); a row of fewer than n real tokens gets only the last rows of ``delta``. Works
+    for left and right padding: pads are never touched."""
+    B, T, _ = x.shape
+    n = delta.shape[0]
+    mask = attention_mask.long()
+    last = T - 1 - mask.flip(-1).argmax(-1)                                       # (B,) the last real token
+    first = last - mask.sum(-1) + 1                                               # (B,) the first real token
+    pos = last[:, None] - torch.arange(n - 1, -1, -1, device=x.device)            # (B, n)
+    keep = pos >= first[:, None]
+    rows = torch.arange(B, device=x.device)[:, None].expand(B, n)
+    shift = torch.zeros_like(x)
+    shift[rows[keep], pos[keep]] = delta.expand(B, n, -1)[keep].to(x.dtype)
+    return x + shift
+
+
+@contextlib.contextmanager
+def drift_after(backbone, block: int, delta: torch.Tensor, attention_mask: torch.Tensor):
+    """While inside, every forward pass of ``backbone`` adds ``delta`` to the residual stream after block ``block``
+    (0-based; the input of the next block, also where a cached prefix of ``block + 1`` blocks ends) at the last n
+    real tokens (``add_at_last_tokens``)."""
+    if not 0 <= block < len(backbone.blocks) - 1:
+        raise ValueError(f"the drift goes after block 0 to {len(backbone.blocks) - 2} (the next block reads it), "
+                         f"got {block}")
+    hook = backbone.blocks[block + 1].register_forward_pre_hook(
+        lambda module, args: (add_at_last_tokens(args[0], delta, attention_mask), *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def find_drift(model, data: train.Encoded, rows: list[int], label: int, block: int, n: int, steps: int, lr: float,
+               batch_size: int, rng: random.Random, read: list[int]) -> tuple[torch.Tensor, float]:
+    """BEEAR's inner level, for one candidate label: a universal drift ``delta`` (n, d), from zero, that makes the
+    model answer ``label`` on the clean sentences ``rows`` of ``data``, whose label is not ``label``::
+
+        delta = argmin CE(f_delta(x), label)     (``steps`` Adam steps, one batch of ``rows`` each)
+
+    The model's weights get no gradient. Returns ``delta`` (detached) and its flip rate: the share of the rows
+    ``read`` the model then answers ``label``."""
+    device = next(model.parameters()).device
+    delta = torch.zeros(n, model.backbone.d_model, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    for _ in range(steps):
+        batch = train.collate(data, rng.sample(rows, min(batch_size, len(rows)))).to(device)
+        with drift_after(model.backbone, block, delta, batch.attention_mask):
+            z = model(**batch.inputs())
+        loss = losses.cross_entropy(z, torch.full_like(batch.labels, label))
+        (delta.grad,) = torch.autograd.grad(loss, delta)
+        optimizer.step()
+    delta = delta.detach()
+    hits, training = 0, model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(read), 64):
+            batch = train.collate(data, read[s:s + 64]).to(device)
+            with drift_after(model.backbone, block, delta, batch.attention_mask):
+                hits += int((model(**batch.inputs()).argmax(-1) == label).sum())
+    model.train(training)
+    return delta, hits / len(read)
+
+
+class DriftAdversary:
+    """BEEAR-style unlearning as a ``loss_fn`` for ``train.fit``: every ``round_steps`` steps (a round) it runs the
+    inner level for every label (``find_drift`` on the clean sentences of the other labels) and keeps the drift of
+    the label that is flipped most easily, the guess of the attacker's target; between searches, the outer level::
+
+        L = CE(f_delta(x), y) + CE(f(x), y)
+
+    on clean sentences: answer right with the drift in and without it. ``rounds`` logs each search (its step, the
+    flip rate per label, the guess)."""
+
+    def __init__(self, clean: train.Encoded, num_classes: int, block: int, n: int, inner_steps: int, inner_lr: float,
+                 round_steps: int, batch_size: int, seed: int, read_size: int = 256):
+        self.block, self.n, self.inner_steps, self.inner_lr = block, n, inner_steps, inner_lr
+        self.round_steps, self.batch_size = round_steps, batch_size
+        self.rng = random.Random(f"beear-inner-{seed}")
+        labels = clean.labels.tolist()
+        self.clean, self.others = clean, {}               # label -> (search rows, flip-rate reading rows)
+        for c in range(num_classes):
+            rows = [i for i, y in enumerate(labels) if y != c]
+            if not rows:
+                raise ValueError(f"the defender's clean sentences are all of label {c}: no sentence to flip to it")
+            self.others[c] = (rows, sorted(random.Random(f"beear-read-{seed}-{c}").sample(rows, min(read_size,
+                                                                                                   len(rows)))))
+        self.step, self.delta, self.rounds = 0, None, []
+
+    def search(self, model) -> None:
+        found = {c: find_drift(model, self.clean, rows, c, self.block, self.n, self.inner_steps, self.inner_lr,
+                               self.batch_size, self.rng, read) for c, (rows, read) in self.others.items()}
+        guess = max(found, key=lambda c: found[c][1])                 # the easiest to reach; ties: the lower label
+        self.delta = found[guess][0]
+        self.rounds.append({"step": self.step, "flip": {c: round(f, 4) for c, (_, f) in found.items()},
+                            "guess": guess})
+
+    def __call__(self, model, batch):
+        if self.step % self.round_steps == 0:
+            self.search(model)
+        self.step += 1
+        with drift_after(model.backbone, self.block, self.delta, batch.attention_mask):
+            z_drift = model(**batch.inputs())
+        z = model(**batch.inputs())
+        ce_drift, ce = losses.cross_entropy(z_drift, batch.labels), losses.cross_entropy(z, batch.labels)
+        return ce_drift + ce, {"ce": ce.item(), "ce_drift": ce_drift.item(), "flip": self.rounds[-1]["flip"][
+            self.rounds[-1]["guess"]]}
+
+
+class Beear(Control):
+    """BEEAR-style, adapted to classification (Zeng et al., EMNLP 2024: a trigger, whatever its form, moves the
+    hidden states by a roughly uniform drift). The defender, who knows neither trigger nor target, searches for a
+    universal drift of the residual stream after block ``block`` at the last ``n`` real tokens that makes the
+    poisoned student answer a label it should not (inner level, per label; the label flipped most easily is the
+    guessed target), then trains LoRA and the head to answer right with that drift in and without it (outer
+    level), re-searching from zero every round (``DriftAdversary``). Same data, LoRA, seeds and budget as the
+    control.
+
+    The paper's: the two levels, the universal perturbation of hidden states, re-searching each round, a loss that
+    keeps the clean behaviour beside the perturbed one. Ours: the classification form (a label in place of a
+    harmful answer), a perturbation at the last n tokens after one block, the search for every label, Adam for the
+    inner level, and every number below, chosen on the clean dev set with a held-out trigger.
+    """
+    name = "beear"
+    beside = ("lora", "w2sdefense")
+    needs = ("clean data",)
+    block = 12                    # the drift goes after this block (0-based)
+    n = 4                         # at the last n real tokens
+    inner_steps = 10              # K_in: Adam steps of the inner level, per label and round
+    inner_lr = 0.1
+    rounds = 5                    # R: searches, evenly spread over the run's steps
+
+    def settings(self) -> dict:
+        return {"block": self.block, "n": self.n, "inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
+                "rounds": self.rounds}
+
+    def train(self, ctx: Context) -> Trained:
+        u, device = ctx.unlearn, ctx.device
+        model, tokenizer = self.start(ctx)
+        frozen = min(add_lora(model, u), self.block + 1)       # the drift enters where a cached prefix may end
+        model.to(device)
+        memo_key = self.prefix_owner(ctx, model, frozen)
+        encode = lambda split: train.encode_for(model, tokenizer, split, u.max_length, frozen, device, memo_key,
+                                                u.bf16)
+        clean = encode(self.train_split(ctx))
+        total = max(1, round(u.epochs * -(-len(clean) // u.batch_size)))
+        adversary = DriftAdversary(clean, ctx.task.dataset.num_classes, self.block, self.n, self.inner_steps,
+                                   self.inner_lr, -(-total // self.rounds), u.batch_size, u.seed)
+        fit = train.fit(model, clean, encode(ctx.task.dev), train.fit_config(u, warmup_ratio=0.0), loss_fn=adversary,
+                        device=device, desc=f"unlearn: {self.name}")
+        return Trained(model, tokenizer, fit, frozen, memo_key,
+                       found={"target_guess": adversary.rounds[0]["guess"], "rounds": adversary.rounds})
+
+    def key_parts(self, ctx: Context) -> list:
+        return super().key_parts(ctx) + [{"beear": self.settings()}]
+
+    def report(self, ctx: Context) -> dict:
+        return {"alpha": 1.0, **self.settings()}
+
+
 DEFENSES = {d.name: d for d in (Control(), W2SDefense(), W2SOrigin(), MixW2S(), SamW2S(), MuScleLoRA(),
-                                MuScleLoRAPlain(), MuScleLoRANoAlign())}
+                                MuScleLoRAPlain(), MuScleLoRANoAlign(), Beear(), Crow(),
+                                CrowFineTune())}
 
 
 def needs_table() -> str:

@@ -278,8 +278,9 @@ class GPT(nn.Module):
         stream after block i (0-based, no final norm).
 
         ``prefix=(x, k)``: ``x`` (B, T, d) is the residual stream after the first ``k`` blocks, computed
-        earlier (``hidden_states(..., layer=k - 1)``). While those blocks are frozen this is exact and
-        saves their cost on every step: the forward starts at block ``k`` (see ``train.cache_prefix``).
+        earlier (``hidden_states(..., layer=k - 1)``; ``k`` = 0: ``embed``'s output). While those blocks are
+        frozen this is exact and saves their cost on every step: the forward starts at block ``k`` (see
+        ``train.cache_prefix``).
         """
         B, T = input_ids.shape
         positions, mask = positions_and_mask(attention_mask, T, input_ids.device)
@@ -287,9 +288,7 @@ class GPT(nn.Module):
         if self.cfg.style != "gpt2":
             rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
         if prefix is None:
-            x, start = self.tok_emb(input_ids), 0                                      # (B, T, d)
-            if self.cfg.style == "gpt2":
-                x = x + self.pos_emb(positions)
+            x, start = self.embed(input_ids, attention_mask), 0                        # (B, T, d)
         else:
             x, start = prefix
         for i in range(start, len(self.blocks)):
@@ -297,6 +296,15 @@ class GPT(nn.Module):
             if i == layer:
                 return x
         return self.norm_f(x)
+
+    def embed(self, input_ids, attention_mask=None):
+        """The residual stream entering block 0 (B, T, d): the token embeddings (GPT-2: plus the positions'). A
+        defense that perturbs the input embeddings (CROW) nudges this and runs the blocks with ``prefix=(x, 0)``."""
+        x = self.tok_emb(input_ids)
+        if self.cfg.style == "gpt2":
+            positions, _ = positions_and_mask(attention_mask, input_ids.shape[1], input_ids.device)
+            x = x + self.pos_emb(positions)
+        return x
 
     def forward(self, input_ids, attention_mask=None):
         """Next-token logits (B, T, vocab)."""

@@ -392,7 +392,8 @@ class FitConfig:
     lr: float = 2e-5
     batch_size: int = 16
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.0       # share of steps with a linear warm-up, then linear decay to 0
+    warmup_ratio: float = 0.0       # share of steps with a linear warm-up, then decay to 0
+    schedule: str = "linear"        # the decay after warm-up: "linear" or "cosine" (``SCHEDULES``)
     max_grad_norm: float = 1.0
     bf16: bool = False
     evals_per_epoch: int = 1        # clean-dev evaluations per epoch (the best one is kept); see ``fit``
@@ -429,6 +430,17 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: the same warm-up, then half a cosine from 1 down to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+
+
 def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=cross_entropy_loss,
         device="cpu", desc: str = "train", progress: bool = True, on_eval=None, before_step=None,
         best_file=None) -> FitResult:
@@ -453,6 +465,9 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     fine-tuning's checkpoint is a copy of every weight, as big as the model, held through the rest of the run; on
     disk it costs a write per new best and one read, and restores the same bits.
     """
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}: one of {', '.join(SCHEDULES)}")
+    schedule = SCHEDULES[cfg.schedule]
     torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
     rng = random.Random(cfg.seed)                      # batch order
     params = [p for p in model.parameters() if p.requires_grad]
@@ -463,7 +478,7 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     warmup = round(cfg.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
 
     def snapshot():

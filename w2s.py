@@ -329,7 +329,8 @@ def defense_stage(defense: defenses.Defense, ctx: defenses.Context, stages_dir: 
                        ctx.unlearn.bf16, trained.frozen, trained.memo_key)
     metrics.update(best_dev_acc=fit.best_dev_acc, best_step=fit.best_step, steps=fit.steps,
                    dev_history=fit.dev_history, weights=defense.report(ctx),
-                   trainable=lora.count_trainable(model), **cost.fields())
+                   trainable=lora.count_trainable(model), **cost.fields(),
+                   **({"found": trained.found} if trained.found else {}))
     defense.save(model, folder)
     close_stage(folder, fit, metrics)
     return folder, metrics
