@@ -114,11 +114,6 @@ def main(argv=None) -> None:
             task = w2s.build_task(a, eval_size, args.data_dir)
         if attack_folder is None and not muscle_only:
             attack_folder, poisoned = w2s.attack_stage(a, task, Path(args.stages), device)
-        if print_head:
-            print(json.dumps({"seed": a.seed, "attack": a.attack, "triggers": a.triggers, "n_poisoned": task.n_poisoned,
-                              **({"poisoned_dev_acc": poisoned["best_dev_acc"]} if not muscle_only else {})}),
-                  flush=True)
-            print_head = False
         ctx = w2s.context(a, t, cfg, task, attack_folder, None, device)
         drop = set(defense.reference_split(ctx)[0].sentences) if name.startswith("muscle") else set()
         dev_floor, dev_asr = (without(s, drop) for s in calibrate_w2s.dev_pairs(task, trigger, a.target))
@@ -131,6 +126,16 @@ def main(argv=None) -> None:
             return (train.accuracy(*read(dev_ca)), train.attack_success_rate(*read(dev_asr), a.target),
                     train.attack_success_rate(*read(dev_floor), a.target))
 
+        if print_head:                            # the poisoned student read the same way, first
+            student = {}
+            if not muscle_only:
+                model = ctx.load_poisoned()[0].to(device).eval()
+                student = dict(zip(("poisoned_dev_ca", "poisoned_dev_asr", "poisoned_dev_asr_floor"),
+                                   (round(v, 3) for v in measure(model))), poisoned_dev_acc=poisoned["best_dev_acc"])
+                del model
+            print(json.dumps({"seed": a.seed, "attack": a.attack, "triggers": a.triggers, "n_poisoned": task.n_poisoned,
+                              **student}), flush=True)
+            print_head = False
         along = []                                # (step, dev CA, dev ASR) at each evaluation, with --curve
         start = time.perf_counter()
         with curve_readings(along, measure, args.curve):
