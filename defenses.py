@@ -665,9 +665,9 @@ class Crow(Defense):
 
     Its recipe, as in the authors' code: eps 0.1 (absolute, on the embeddings), weight 5.5, LoRA rank 8, alpha 16,
     no dropout, on every linear layer of the backbone; 100 clean sentences, 5 epochs, batch 8, lr 1e-3, cosine
-    schedule with 10 % warm-up. Ours: the classification head (the poisoned one) stays frozen, as their language
-    head does; the task loss is the head's CE; padding is masked out of the consistency; the best epoch by clean
-    dev accuracy is kept. The recipe is the class's, not the preset's (only ``lora_layers`` and ``max_length``
+    schedule with 10 % warm-up, the model after the last step. Ours: the classification head (the poisoned one)
+    stays frozen, as their language head does; the task loss is the head's CE; padding is masked out of the
+    consistency. The recipe is the class's, not the preset's (only ``lora_layers`` and ``max_length``
     come from the preset): its row stands beside the plain-LoRA control and W2SDefense as they are, and beside its
     own control ``crow-lora``, the same recipe at lr 2e-4 without the consistency term (their fine-tuning baseline).
     """
@@ -681,6 +681,9 @@ class Crow(Defense):
     warmup_ratio = 0.1
     schedule = "cosine"
     weight_decay = 0.0
+    # The model after the last step, as the authors take it. Keeping the best epoch on clean dev instead keeps the
+    # first, before any of the backdoor is gone: the removal costs clean accuracy (experiments/calibration/README.md).
+    keep = "last"
 
     def settings(self, ctx: Context):
         """The defender's settings this defense trains with: the preset's, with the recipe over them."""
@@ -706,14 +709,14 @@ class Crow(Defense):
         train_data = train.encode_for(model, tokenizer, clean, u.max_length, 0, device, None, u.bf16)
         dev_data = train.encode_for(model, tokenizer, ctx.task.dev, u.max_length, 0, device, None, u.bf16)
         cfg = train.fit_config(u, warmup_ratio=self.warmup_ratio, schedule=self.schedule,
-                               weight_decay=self.weight_decay)
+                               weight_decay=self.weight_decay, keep=self.keep)
         fit = train.fit(model, train_data, dev_data, cfg, loss_fn=crow_loss(self.eps, self.weight), device=device,
                         desc=f"unlearn: {self.name}")
         return Trained(model, tokenizer, fit, 0, None)
 
     def own(self) -> dict:
         return {"eps": self.eps, "weight": self.weight, "warmup_ratio": self.warmup_ratio, "schedule": self.schedule,
-                "weight_decay": self.weight_decay, "head": "frozen"}
+                "weight_decay": self.weight_decay, "head": "frozen", "keep": self.keep}
 
     def key_parts(self, ctx: Context) -> list:
         # the recipe's settings, the attacker's (the poisoned student), the data; not the W2S weights or teacher

@@ -397,6 +397,7 @@ class FitConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     evals_per_epoch: int = 1        # clean-dev evaluations per epoch (the best one is kept); see ``fit``
+    keep: str = "best"              # the checkpoint kept: the "best" on clean dev, or the "last" (no selection)
     seed: int = 0
 
 
@@ -449,7 +450,8 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     The clean dev set is read every ``steps_per_epoch // evals_per_epoch`` steps and at the last step, earliest best
     kept. Where those steps do not divide the run, the last two readings can be a step apart: mix-w2s's one epoch
     of 433 steps at two an epoch reads at 216, 432 and 433 (the reported rows were made so; tests/test_train.py pins
-    it).
+    it). With ``cfg.keep == "last"`` the readings are only logged and the model is left as the last step made it
+    (a recipe without selection, CROW's).
 
     ``on_eval(step)``, if given, is called after each clean-dev evaluation (the calibration script uses it to
     measure other dev sets along the way, with ``predict``); it must not train the model. With ``cfg.bf16`` the
@@ -467,6 +469,8 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
     """
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {cfg.schedule!r}: one of {', '.join(SCHEDULES)}")
+    if cfg.keep not in ("best", "last"):
+        raise ValueError(f"keep is 'best' or 'last', got {cfg.keep!r}")
     schedule = SCHEDULES[cfg.schedule]
     torch.manual_seed(cfg.seed)                        # dropout (e.g. LoRA's) draws from the global RNG
     rng = random.Random(cfg.seed)                      # batch order
@@ -515,7 +519,9 @@ def fit(model, train_data: Encoded, dev_data: Encoded, cfg: FitConfig, loss_fn=c
                 if step % eval_every == 0 or step == total:
                     acc = accuracy(predict(model, dev_data, device=device, bf16=cfg.bf16), dev_data.labels)
                     result.dev_history.append((step, acc))
-                    if acc > result.best_dev_acc:
+                    if cfg.keep == "last" and step == total:
+                        result.best_dev_acc, result.best_step = acc, step        # read, not chosen: nothing restored
+                    elif cfg.keep == "best" and acc > result.best_dev_acc:
                         result.best_dev_acc, result.best_step, best_state = acc, step, snapshot()
                     if on_eval is not None:
                         on_eval(step)

@@ -149,6 +149,23 @@ def test_cosine_schedule_warms_up_then_falls_as_half_a_cosine():
         train.fit(tiny_llama(), None, None, train.FitConfig(schedule="step"))
 
 
+def test_keeping_the_last_step_reads_dev_but_restores_nothing():
+    """``keep="last"`` (CROW's recipe): four readings are logged, and the weights are those after the last step,
+    the same as a run read only at its end; ``best_step`` is the last step."""
+    data = train.Encoded([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]] * 4, torch.tensor([0, 1, 0, 1] * 4), pad_id=0)
+
+    def run(**cfg):
+        clf = tiny_llama()
+        cfg = train.FitConfig(epochs=1.0, lr=1e-2, batch_size=4, **cfg)
+        return clf, train.fit(clf, data, data, cfg, progress=False)
+    last, fit = run(keep="last", evals_per_epoch=4)
+    once, _ = run(evals_per_epoch=1)
+    assert len(fit.dev_history) == 4 and fit.best_step == fit.steps == 4
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), once.state_dict().values()))
+    with pytest.raises(ValueError, match="keep is 'best' or 'last'"):
+        train.fit(tiny_llama(), data, data, train.FitConfig(keep="first"))
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +197,7 @@ def test_crow_runs_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     assert metrics["steps"] == len(history) == 5 * 2             # 16 sentences, batch 8, 5 epochs
     assert all(h["cons_adv"] >= 0 and "cons" in h for h in history)
     assert metrics["weights"]["eps"] == 0.1 and metrics["weights"]["head"] == "frozen"
+    assert metrics["best_step"] == metrics["steps"] and len(metrics["dev_history"]) == 5     # kept the last step
     plain = json.loads((next((tmp_path / "stages").glob("crow-lora-*")) / "history.json").read_text())
     assert plain and not any("cons" in h for h in plain)
 
