@@ -225,7 +225,9 @@ def test_budget_is_the_authors_lora_and_the_users_options_win():
     for preset in ("quick", "cpu", "paper"):
         _, _, u, _ = resolve("--preset", preset)
         assert (u.rank, u.lora_alpha, u.lora_dropout, u.targets) == (2, 8.0, 0.0, ("q_proj", "v_proj"))
-        assert (u.epochs, u.lr, u.batch_size, u.evals_per_epoch) == (MUSCLE.epochs, MUSCLE.lr, 16, 1)
+        # chosen on dev for our student; the paper preset keeps the authors' for theirs
+        want = (5.0, 1e-5, 16, 1) if preset == "paper" else (0.6, 3e-3, 16, 4)
+        assert (u.epochs, u.lr, u.batch_size, u.evals_per_epoch) == want
         assert (u.alpha, u.beta, u.gamma, u.clean_size) == (1.0, 0.0, 0.0, None)
         assert u.lora_layers == (6 if preset == "quick" else None)      # every block; quick's top 6 as every stage
     _, _, u, _ = resolve("--epochs", "3", "--lr", "1e-4", "--rank", "4")
@@ -346,8 +348,8 @@ def test_muscle_mslr_ablation_keeps_the_branch_and_drops_the_alignment(tmp_path,
 @pytest.mark.slow
 def test_quick_preset_runs_muscle_end_to_end(quick_stages, real_weights, tmp_path):
     """``--preset quick --defense muscle`` on the open weights: MuScleLoRA and its ablation train from the
-    pretrained student on the quick preset's poisoned set, within the quick budget. (Whether they learn the task
-    is not asserted: their epochs and lr are the authors' placeholders, not yet chosen on dev.)"""
+    pretrained student on the quick preset's poisoned set, within the quick budget. (How well they learn is not
+    asserted: the settings were chosen on the cpu preset's dev set, and the quick preset's 600 rows give 23 steps.)"""
     args = w2s.parser().parse_args(["--attack", "badnet", "--preset", "quick", "--seed", "0", "--precision", "fp32",
                                     "--defense", "muscle", "--stages", str(quick_stages), "--out", str(tmp_path / "run")])
     result = w2s.run(args)
