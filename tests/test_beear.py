@@ -11,20 +11,13 @@ import torch
 import defenses
 import lora
 import losses
-import models
 import train
 import w2s
-from tiny_world import SHARED, make_tiny_world, tiny_argv
+from tiny_world import SHARED, make_tiny_world, tiny_argv, tiny_llama_classifier as tiny_llama
 
 needs_gpt2 = pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 BEEAR = defenses.DEFENSES["beear"]
 
-
-def tiny_llama(n_layer: int = 4, seed: int = 0) -> models.Classifier:
-    torch.manual_seed(seed)
-    cfg = models.GPTConfig(style="llama", vocab_size=50, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                           max_seq_len=32)
-    return models.Classifier(models.GPT(cfg), 2, generator=torch.Generator().manual_seed(seed + 1)).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,13 +123,9 @@ def test_the_outer_level_trains_only_lora_and_the_head():
 
 @needs_gpt2
 def test_beear_runs_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
     for name, value in (("block", 1), ("n", 2), ("inner_steps", 3), ("rounds", 2)):
         monkeypatch.setattr(defenses.Beear, name, value)
-    student, teacher, ds = make_tiny_world(tmp_path)
-    torch.manual_seed(0)                                  # a 4-block student: the drift goes after block 1
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64)
-                                 ).save_pretrained(student)
+    student, teacher, ds = make_tiny_world(tmp_path, student_blocks=4)     # the drift goes after block 1
     args = w2s.parser().parse_args(tiny_argv(tmp_path, student, teacher, ds, "--defense", "beear",
                                              "--lora-layers", "2"))
     result = w2s.run(args)

@@ -13,17 +13,11 @@ import lora
 import models
 import train
 import w2s
-from tiny_world import SHARED, make_tiny_world, tiny_argv
+from tiny_world import SHARED, make_tiny_world, tiny_argv, tiny_llama_classifier as tiny_llama
 
 needs_gpt2 = pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 CROW = defenses.DEFENSES["crow"]
 
-
-def tiny_llama(n_layer: int = 4, seed: int = 0) -> models.Classifier:
-    torch.manual_seed(seed)
-    cfg = models.GPTConfig(style="llama", vocab_size=50, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                           max_seq_len=32)
-    return models.Classifier(models.GPT(cfg), 2, generator=torch.Generator().manual_seed(seed + 1)).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,23 +164,13 @@ def test_keeping_the_last_step_reads_dev_but_restores_nothing():
 # End to end
 # ----------------------------------------------------------------------------------------------
 
-def four_block_student(tmp_path):
-    """The tiny world with a 4-block student: CROW needs 3 blocks or more (its first and last steps are out)."""
-    transformers = pytest.importorskip("transformers")
-    student, teacher, ds = make_tiny_world(tmp_path)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64)
-                                 ).save_pretrained(student)
-    return student, teacher, ds
-
-
 @needs_gpt2
 def test_crow_runs_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     """The rows stand beside the control and W2SDefense; CROW trains its recipe on its 100 (here 16) clean
     sentences with a frozen head, logs both consistency terms, and its stage reloads to the model tested."""
     monkeypatch.setitem(defenses.Crow.recipe, "clean_size", 16)
     monkeypatch.setattr(defenses.CrowFineTune, "recipe", {**defenses.Crow.recipe, "lr": 2e-4})
-    student, teacher, ds = four_block_student(tmp_path)
+    student, teacher, ds = make_tiny_world(tmp_path, student_blocks=4)
     args = w2s.parser().parse_args(tiny_argv(tmp_path, student, teacher, ds, "--defense", "crow",
                                                      "--lora-layers", "2"))
     result = w2s.run(args)

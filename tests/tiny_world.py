@@ -7,18 +7,21 @@ from pathlib import Path
 import torch
 import transformers
 
+import models
 import registry
 import w2s
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def make_tiny_world(root: Path):
-    """A tiny GPT-2 student (real tokenizer files), a tiny BERT teacher and a small dataset folder."""
+def make_tiny_world(root: Path, student_blocks: int = 2):
+    """A tiny GPT-2 student (real tokenizer files), a tiny BERT teacher and a small dataset folder. CROW and
+    BEEAR-style need a student of 3 blocks or more (``student_blocks``)."""
     torch.manual_seed(0)
     gpt2_files = SHARED / "tokenizers" / "gpt2"
     student = root / "student"
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(student)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=student_blocks, n_head=4,
+                                                         n_positions=64)).save_pretrained(student)
     for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         (student / dst).write_bytes((gpt2_files / src).read_bytes())
     teacher = root / "teacher"
@@ -49,3 +52,11 @@ def tiny_argv(root, student, teacher, ds, *extra) -> list[str]:
 
 def tiny_args(root, student, teacher, ds, *extra):
     return w2s.parser().parse_args(tiny_argv(root, student, teacher, ds, *extra))
+
+
+def tiny_llama_classifier(n_layer: int = 4, seed: int = 0) -> models.Classifier:
+    """A random Llama-style decoder classifier, 32 wide, two classes, in eval mode: for the hook and loss tests."""
+    torch.manual_seed(seed)
+    cfg = models.GPTConfig(style="llama", vocab_size=50, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                           max_seq_len=32)
+    return models.Classifier(models.GPT(cfg), 2, generator=torch.Generator().manual_seed(seed + 1)).eval()

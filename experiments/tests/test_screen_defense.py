@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import defenses
-import models
 import w2s
-from tiny_world import SHARED, make_tiny_world, tiny_argv
+from tiny_world import SHARED, make_tiny_world, tiny_argv, tiny_llama_classifier
 
 needs_gpt2 = pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), reason="needs the GPT-2 tokenizer files")
 
@@ -17,12 +16,8 @@ needs_gpt2 = pytest.mark.skipif(not (SHARED / "tokenizers" / "gpt2").is_dir(), r
 @needs_gpt2
 def test_screen_runs_each_entry_on_the_tiny_world_one_json_line_each(tmp_path, capsys, monkeypatch):
     import screen_defense
-    transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(defenses.MuScleLoRA, "ref_size", 8)
-    student, teacher, ds = make_tiny_world(tmp_path)
-    torch.manual_seed(0)                                   # CROW and BEEAR need 3 blocks or more
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64)
-                                 ).save_pretrained(student)
+    student, teacher, ds = make_tiny_world(tmp_path, student_blocks=4)     # CROW and BEEAR need 3 blocks or more
     grid = [{"defense": "crow", "set": {"eps": 0.05, "recipe": {"clean_size": 16, "epochs": 1}}},
             {"defense": "beear", "set": {"block": 1, "n": 2, "inner_steps": 2, "rounds": 1}},
             {"defense": "muscle", "head": "theirs", "lr": 1e-3}]
@@ -44,7 +39,7 @@ def test_screen_runs_each_entry_on_the_tiny_world_one_json_line_each(tmp_path, c
 
 def test_their_head_is_the_branch_on_a_frozen_576_to_16_layer_then_a_frozen_16_to_c_layer():
     import screen_defense
-    clf = models.Classifier(models.GPT(tiny_llama_config()), 2, generator=torch.Generator().manual_seed(0))
+    clf = tiny_llama_classifier(n_layer=2)
     screen_defense.TheirHead().add_adapters(clf, w2s.UnlearnConfig(rank=2, lora_alpha=8.0, lora_dropout=0.0, seed=0))
     branch, dropout, out = clf.head
     assert (branch.base.in_features, branch.base.out_features, out.in_features, out.out_features) == (32, 16, 16, 2)
@@ -52,11 +47,6 @@ def test_their_head_is_the_branch_on_a_frozen_576_to_16_layer_then_a_frozen_16_t
     trained = {n for n, p in clf.named_parameters() if p.requires_grad and n.startswith("head.")}
     assert trained == {"head.0.L", "head.0.R"}
     assert clf(torch.tensor([[1, 2, 3]])).shape == (1, 2)
-
-
-def tiny_llama_config():
-    return models.GPTConfig(style="llama", vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                                max_seq_len=16)
 
 
 @pytest.mark.parametrize("grid, message", [
