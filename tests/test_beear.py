@@ -146,7 +146,7 @@ def test_beear_runs_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     assert train.accuracy(train.predict(model, test), test.labels) == result["rows"][-1]["ca"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_quick_preset_runs_beear_end_to_end(quick_stages, real_weights, tmp_path):
     args = w2s.parser().parse_args(["--attack", "badnet", "--preset", "quick", "--seed", "0", "--precision", "fp32",
                                     "--defense", "beear", "--stages", str(quick_stages), "--out", str(tmp_path / "run")])

@@ -200,7 +200,7 @@ def test_crow_runs_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     assert again["rows"] == result["rows"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_quick_preset_runs_crow_end_to_end(quick_stages, real_weights, tmp_path):
     """``--preset quick --defense crow`` on the open weights: its rows beside the control and W2SDefense on the
     same cached student and teacher, within the quick budget."""
