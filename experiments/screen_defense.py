@@ -97,6 +97,7 @@ def main(argv=None) -> None:
         if unknown or "defense" not in entry:
             raise SystemExit(f"screen_defense.py: bad grid entry {json.dumps(entry)}: it names its 'defense'; other "
                              f"keys are 'set', 'head' and UnlearnConfig fields")
+        configured(dict(entry))                   # a defense or a setting it does not have: refused now
     muscle_only = all(entry["defense"].startswith("muscle") for entry in grid)
     trigger = calibrate_w2s.dev_trigger(w2s.resolve_configs(args)[0], args.data_dir, "screen_defense.py")
     device = w2s.pick_device(args.device)
